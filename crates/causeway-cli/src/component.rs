@@ -1,0 +1,292 @@
+//! `causeway component`: the body of every process `causeway up` starts. It reads its [`Launch`]
+//! from the environment, binds its listeners, registers with discovery, reports `ready` on stdout,
+//! serves until SIGTERM, then deregisters and drains.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use causeway_client::{ClientSettings, Discovery, ServiceClient, registration};
+use causeway_core::registry_api::InstanceRecord;
+use causeway_core::serve::{self, Shutdown, ShutdownTrigger, bind, serve_admin, shutdown_channel};
+use causeway_core::telemetry::Metrics;
+use causeway_core::topology::instance_addr;
+use causeway_core::{ChildReport, Launch, Role};
+use causeway_discovery::{DiscoveryServer, Registry};
+use causeway_proxy::{Balancer, Gateway};
+use causeway_services::ServiceDeps;
+use hyper_util::service::TowerToHyperService;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+
+/// How long open connections may finish after SIGTERM.
+const DRAIN: Duration = Duration::from_millis(700);
+/// How long start-up waits for the registry to accept this instance.
+const REGISTRATION_PATIENCE: Duration = Duration::from_secs(5);
+
+/// Runs the component described by the environment; returns the process exit code.
+pub fn main() -> std::process::ExitCode {
+    causeway_core::telemetry::init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            ChildReport::Failed {
+                message: format!("cannot start the async runtime: {err}"),
+            }
+            .emit();
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            let message = format!("{err:#}");
+            tracing::error!(error = %message, "component failed");
+            ChildReport::Failed { message }.emit();
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
+    let launch = Launch::from_env()?;
+    let instance = launch.instance();
+    tracing::info!(%instance, pid = std::process::id(), "starting");
+    let mut metrics = Metrics::new(launch.role.name(), &instance);
+    let (trigger, shutdown) = shutdown_channel();
+    let tasks = match launch.role {
+        Role::Discovery => start_discovery(&launch, metrics, shutdown).await?,
+        Role::LoadBalancer => start_balancer(&launch, metrics, shutdown).await?,
+        Role::ReverseProxy => {
+            let client = Arc::new(service_client(&launch, &mut metrics)?);
+            start_reverse_proxy(&launch, metrics, client, shutdown).await?
+        }
+        Role::UserService => {
+            let client = Arc::new(service_client(&launch, &mut metrics)?);
+            let deps = service_deps(&launch, &mut metrics);
+            let app = causeway_services::user::app(&deps, client).await?;
+            start_http_service(&launch, metrics, app, shutdown).await?
+        }
+        Role::OrderService => {
+            let deps = service_deps(&launch, &mut metrics);
+            let app = causeway_services::order::app(&deps).await?;
+            start_http_service(&launch, metrics, app, shutdown).await?
+        }
+    };
+    serve::termination_signal().await;
+    tracing::info!(%instance, "stopping");
+    stop(trigger, tasks).await;
+    Ok(())
+}
+
+async fn stop(trigger: ShutdownTrigger, tasks: Vec<JoinHandle<()>>) {
+    trigger.fire();
+    let all = futures_util::future::join_all(tasks);
+    if tokio::time::timeout(DRAIN + Duration::from_millis(500), all)
+        .await
+        .is_err()
+    {
+        tracing::warn!("some tasks did not stop in time");
+    }
+}
+
+fn service_client(launch: &Launch, metrics: &mut Metrics) -> anyhow::Result<ServiceClient> {
+    let settings = ClientSettings {
+        dns_addr: launch.dns_addr,
+        zone: launch.topology.discovery.zone.clone(),
+        config: launch.topology.client.clone(),
+    };
+    Ok(ServiceClient::new(
+        settings,
+        &launch.data().ca_cert(),
+        metrics,
+    )?)
+}
+
+fn service_deps(launch: &Launch, metrics: &mut Metrics) -> ServiceDeps {
+    let config = match launch.role {
+        Role::UserService => &launch.topology.user_service,
+        _ => &launch.topology.order_service,
+    };
+    ServiceDeps {
+        instance: launch.instance(),
+        database_url: config.database_url.clone(),
+        default_sqlite_path: launch.data().database(launch.role.name()),
+        http_metrics: metrics.http_server(),
+    }
+}
+
+/// The main and admin listeners of this instance.
+async fn bind_listeners(
+    launch: &Launch,
+    listen: SocketAddr,
+    admin_listen: SocketAddr,
+) -> anyhow::Result<(tokio::net::TcpListener, tokio::net::TcpListener)> {
+    let what = launch.instance();
+    let main = bind(&what, instance_addr(listen, launch.index)).await?;
+    let admin = bind(
+        &format!("{what} (admin)"),
+        instance_addr(admin_listen, launch.index),
+    )
+    .await?;
+    Ok((main, admin))
+}
+
+/// Registers with discovery, reports ready, and starts the admin endpoint.
+async fn announce(
+    launch: &Launch,
+    listen: SocketAddr,
+    admin: tokio::net::TcpListener,
+    metrics: Metrics,
+    shutdown: &Shutdown,
+) -> anyhow::Result<Vec<JoinHandle<()>>> {
+    let instance = launch.instance();
+    let admin_addr = admin.local_addr()?;
+    let record = InstanceRecord {
+        service: launch.role.name().to_string(),
+        instance: instance.clone(),
+        addr: listen,
+        admin_addr: Some(admin_addr),
+        pid: Some(std::process::id()),
+    };
+    let heartbeat = Duration::from_millis(launch.topology.discovery.heartbeat_interval_ms);
+    let registration = registration::start(
+        launch.registry_addr,
+        record,
+        heartbeat,
+        REGISTRATION_PATIENCE,
+        shutdown.clone(),
+    )
+    .await?;
+    let admin_task = tokio::spawn(serve_admin(
+        admin,
+        instance.clone(),
+        metrics.into_shared(),
+        shutdown.clone(),
+    ));
+    ChildReport::Ready {
+        instance,
+        pid: std::process::id(),
+        listen,
+        admin: admin_addr,
+    }
+    .emit();
+    Ok(vec![registration, admin_task])
+}
+
+async fn start_discovery(
+    launch: &Launch,
+    mut metrics: Metrics,
+    shutdown: Shutdown,
+) -> anyhow::Result<Vec<JoinHandle<()>>> {
+    let config = &launch.topology.discovery;
+    let registry = Registry::new(Duration::from_millis(config.expiry_ms));
+    let server = DiscoveryServer::bind(config, registry, &mut metrics).await?;
+    let report = ChildReport::Ready {
+        instance: launch.instance(),
+        pid: std::process::id(),
+        listen: server.dns_addr,
+        admin: server.api_addr,
+    };
+    let task = tokio::spawn(server.run(metrics.into_shared(), shutdown));
+    report.emit();
+    Ok(vec![task])
+}
+
+async fn start_balancer(
+    launch: &Launch,
+    mut metrics: Metrics,
+    shutdown: Shutdown,
+) -> anyhow::Result<Vec<JoinHandle<()>>> {
+    let config = launch.topology.load_balancer.clone();
+    let (listener, admin) = bind_listeners(launch, config.listen, config.admin_listen).await?;
+    let listen = listener.local_addr()?;
+    let discovery = Discovery::new(launch.dns_addr, &launch.topology.discovery.zone)?;
+    let balancer = Arc::new(Balancer::new(config, discovery, &mut metrics));
+    balancer.refresh().await;
+    let mut tasks = announce(launch, listen, admin, metrics, &shutdown).await?;
+    tasks.push(tokio::spawn(
+        balancer.clone().watch_backends(shutdown.clone()),
+    ));
+    tasks.push(tokio::spawn(balancer.serve(listener, shutdown)));
+    Ok(tasks)
+}
+
+fn tls_acceptor(launch: &Launch) -> anyhow::Result<TlsAcceptor> {
+    let paths = launch.data().service_cert(launch.role.name());
+    let config = causeway_core::tls::server_config(&paths)
+        .with_context(|| format!("loading the TLS certificate of {}", launch.role))?;
+    Ok(TlsAcceptor::from(config))
+}
+
+async fn start_reverse_proxy(
+    launch: &Launch,
+    mut metrics: Metrics,
+    client: Arc<ServiceClient>,
+    shutdown: Shutdown,
+) -> anyhow::Result<Vec<JoinHandle<()>>> {
+    let config = &launch.topology.reverse_proxy;
+    let (listener, admin) = bind_listeners(launch, config.listen, config.admin_listen).await?;
+    let listen = listener.local_addr()?;
+    let tls = tls_acceptor(launch)?;
+    let key = causeway_proxy::auth::load_or_create_key(&launch.data().jwt_key())?;
+    let http = metrics.http_server();
+    let gateway = Arc::new(Gateway::new(launch.instance(), config, &key, client, http));
+    let mut tasks = announce(launch, listen, admin, metrics, &shutdown).await?;
+
+    let sweeper = gateway.clone();
+    let mut sweeper_shutdown = shutdown.clone();
+    tasks.push(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(60)) => sweeper.forget_idle_clients(),
+                _ = sweeper_shutdown.wait() => return,
+            }
+        }
+    }));
+    let make_service = move |peer: SocketAddr| {
+        let gateway = gateway.clone();
+        hyper::service::service_fn(move |request| {
+            let gateway = gateway.clone();
+            async move { Ok::<_, Infallible>(gateway.handle(request, peer).await) }
+        })
+    };
+    tasks.push(tokio::spawn(serve::serve(
+        listener,
+        Some(tls),
+        make_service,
+        shutdown,
+        DRAIN,
+    )));
+    Ok(tasks)
+}
+
+async fn start_http_service(
+    launch: &Launch,
+    metrics: Metrics,
+    app: axum::Router,
+    shutdown: Shutdown,
+) -> anyhow::Result<Vec<JoinHandle<()>>> {
+    let config = match launch.role {
+        Role::UserService => &launch.topology.user_service,
+        _ => &launch.topology.order_service,
+    };
+    let (listener, admin) = bind_listeners(launch, config.listen, config.admin_listen).await?;
+    let listen = listener.local_addr()?;
+    let tls = tls_acceptor(launch)?;
+    let mut tasks = announce(launch, listen, admin, metrics, &shutdown).await?;
+    let make_service = move |_peer| TowerToHyperService::new(app.clone());
+    tasks.push(tokio::spawn(serve::serve(
+        listener,
+        Some(tls),
+        make_service,
+        shutdown,
+        DRAIN,
+    )));
+    Ok(tasks)
+}

@@ -1,0 +1,177 @@
+//! `causeway`: runs Causeway's topology on this machine and looks into it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use causeway_cli::{component, demo, status, supervisor};
+use causeway_core::{DataDir, Topology};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "causeway",
+    version,
+    about = "Service-to-service communication, on one machine"
+)]
+struct Cli {
+    /// Topology file (default: ./causeway.toml if present, else built-in defaults).
+    #[arg(long, global = true, env = "CAUSEWAY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data dir (certificates, keys, databases, logs, run state); overrides the topology file.
+    #[arg(long, global = true, env = "CAUSEWAY_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start every component and keep them running until Ctrl-C.
+    Up(UpArgs),
+    /// List components with pid, addresses, health and metrics address.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print an API token (JWT) for a user.
+    Token {
+        /// The user id the token is for (its `sub` claim).
+        #[arg(long)]
+        sub: String,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600, allow_negative_numbers = true)]
+        ttl: i64,
+    },
+    /// Run one technique's scenario for real and print its steps with timings.
+    Demo {
+        #[command(subcommand)]
+        technique: Technique,
+    },
+    /// Run one component (started by `causeway up`, not by hand).
+    #[command(hide = true)]
+    Component {
+        /// Shown in process listings; the launch description comes from the environment.
+        instance: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum Technique {
+    /// REST over HTTPS: User Service -> Order Service.
+    Rest,
+}
+
+#[derive(clap::Args)]
+struct UpArgs {
+    /// Order Service instances.
+    #[arg(long, env = "CAUSEWAY_ORDER_INSTANCES")]
+    order_instances: Option<usize>,
+    /// Reverse-proxy instances behind the load balancer.
+    #[arg(long, env = "CAUSEWAY_PROXY_INSTANCES")]
+    proxy_instances: Option<usize>,
+    /// Edge (load balancer) address.
+    #[arg(long, env = "CAUSEWAY_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// DNS server address (UDP and TCP).
+    #[arg(long, env = "CAUSEWAY_DNS_LISTEN")]
+    dns_listen: Option<SocketAddr>,
+    /// Registry API address.
+    #[arg(long, env = "CAUSEWAY_REGISTRY_LISTEN")]
+    registry_listen: Option<SocketAddr>,
+    /// Database for User and Order Service (`postgres://...`); default: SQLite in the data dir.
+    #[arg(long, env = "CAUSEWAY_DATABASE_URL")]
+    database_url: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::Component { .. } = cli.command {
+        return component::main();
+    }
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("causeway: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn topology(cli: &Cli) -> anyhow::Result<Topology> {
+    let mut topology = Topology::load(cli.config.as_deref())?;
+    if let Some(dir) = &cli.data_dir {
+        topology.data_dir = dir.clone();
+    }
+    Ok(topology)
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let mut topology = topology(&cli)?;
+    // One thread: the supervisor spawns every child from it, and children are told to stop
+    // when the thread that started them ends (PR_SET_PDEATHSIG).
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    match cli.command {
+        Command::Up(args) => {
+            apply_overrides(&mut topology, args);
+            topology.validate()?;
+            runtime.block_on(supervisor::up(topology))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { json } => {
+            let status = runtime.block_on(status::collect(&topology.data_dir))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", status::render(&status));
+            }
+            Ok(if status.running {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Token { sub, ttl } => {
+            let data = DataDir::new(&topology.data_dir);
+            let key = causeway_proxy::auth::load_or_create_key(&data.jwt_key())?;
+            let token = causeway_proxy::auth::issue(&key, &topology.reverse_proxy.jwt, &sub, ttl)?;
+            println!("{token}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo {
+            technique: Technique::Rest,
+        } => {
+            let report = runtime.block_on(demo::rest(&topology, &topology.data_dir))?;
+            print!("{report}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Component { .. } => unreachable!("handled before the runtime is built"),
+    }
+}
+
+fn apply_overrides(topology: &mut Topology, args: UpArgs) {
+    if let Some(n) = args.order_instances {
+        topology.order_service.instances = n;
+    }
+    if let Some(n) = args.proxy_instances {
+        topology.reverse_proxy.instances = n;
+    }
+    if let Some(addr) = args.listen {
+        topology.load_balancer.listen = addr;
+    }
+    if let Some(addr) = args.dns_listen {
+        topology.discovery.dns_listen = addr;
+    }
+    if let Some(addr) = args.registry_listen {
+        topology.discovery.api_listen = addr;
+    }
+    if let Some(url) = args.database_url {
+        topology.user_service.database_url = Some(url.clone());
+        topology.order_service.database_url = Some(url);
+    }
+}

@@ -1,0 +1,200 @@
+//! `causeway status`: every component with its pid, addresses, health and metrics address.
+
+use std::fmt::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use causeway_client::plain_http;
+use http::{Method, StatusCode};
+use serde::Serialize;
+
+use crate::state::{ComponentState, Phase, RunState, is_alive};
+
+#[derive(Debug, Serialize)]
+pub struct ComponentStatus {
+    pub role: String,
+    pub instance: String,
+    pub pid: Option<u32>,
+    pub listen: Option<String>,
+    pub metrics: Option<String>,
+    /// `up`, `down` or `starting`.
+    pub health: String,
+    pub restarts: u32,
+    pub last_exit: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub running: bool,
+    pub supervisor_pid: u32,
+    pub data_dir: String,
+    pub edge: Option<String>,
+    pub components: Vec<ComponentStatus>,
+}
+
+/// Probes each component's `/healthz`.
+pub async fn collect(data_dir: &Path) -> anyhow::Result<Status> {
+    let state = RunState::load(data_dir)?;
+    let running = is_alive(state.supervisor_pid);
+    let probes = state
+        .components
+        .iter()
+        .map(|component| probe(component, running));
+    let components = futures_util::future::join_all(probes).await;
+    Ok(Status {
+        running,
+        supervisor_pid: state.supervisor_pid,
+        data_dir: state.data_dir.display().to_string(),
+        edge: state.edge.map(|edge| edge.to_string()),
+        components,
+    })
+}
+
+async fn probe(component: &ComponentState, supervisor_alive: bool) -> ComponentStatus {
+    let alive = supervisor_alive && component.pid.is_some_and(is_alive);
+    let healthy = match (alive, component.admin) {
+        (true, Some(admin)) => matches!(
+            plain_http::request(
+                Method::GET,
+                admin,
+                "/healthz",
+                None,
+                Duration::from_millis(800)
+            )
+            .await,
+            Ok((StatusCode::OK, _))
+        ),
+        _ => false,
+    };
+    let health = match (&component.phase, healthy) {
+        (_, true) => "up",
+        (Phase::Starting, false) => "starting",
+        _ => "down",
+    };
+    ComponentStatus {
+        role: component.role.name().to_string(),
+        instance: component.instance.clone(),
+        pid: component.pid.filter(|_| alive),
+        listen: component.listen.map(|a| a.to_string()),
+        metrics: component.admin.map(|a| format!("http://{a}/metrics")),
+        health: health.to_string(),
+        restarts: component.restarts,
+        last_exit: component.last_exit.clone(),
+    }
+}
+
+pub fn render(status: &Status) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "causeway {} (supervisor pid {}, data dir {})",
+        if status.running {
+            "running"
+        } else {
+            "NOT running (stale state)"
+        },
+        status.supervisor_pid,
+        status.data_dir
+    );
+    if let Some(edge) = &status.edge {
+        let _ = writeln!(out, "edge: {edge}");
+    }
+    let rows = status.components.iter().map(|c| {
+        let health = match (&c.last_exit, c.health.as_str()) {
+            (Some(exit), "down") => format!("down (last exit: {exit})"),
+            (_, health) => health.to_string(),
+        };
+        vec![
+            c.role.clone(),
+            c.instance.clone(),
+            c.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            c.listen.clone().unwrap_or_else(|| "-".into()),
+            c.restarts.to_string(),
+            c.metrics.clone().unwrap_or_else(|| "-".into()),
+            health,
+        ]
+    });
+    out.push_str(&table(
+        &[
+            "COMPONENT",
+            "INSTANCE",
+            "PID",
+            "ADDRESS",
+            "RESTARTS",
+            "METRICS",
+            "HEALTH",
+        ],
+        rows,
+    ));
+    out
+}
+
+/// The table `causeway up` prints once everything is ready.
+pub fn ready_table(state: &RunState) -> String {
+    let rows = state.components.iter().map(|c| {
+        vec![
+            c.role.name().to_string(),
+            c.instance.clone(),
+            c.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            c.listen
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "-".into()),
+            c.admin
+                .map(|a| format!("http://{a}/metrics"))
+                .unwrap_or_else(|| "-".into()),
+            if c.phase == Phase::Running {
+                "yes"
+            } else {
+                "no"
+            }
+            .to_string(),
+        ]
+    });
+    table(
+        &[
+            "COMPONENT",
+            "INSTANCE",
+            "PID",
+            "ADDRESS",
+            "METRICS",
+            "READY",
+        ],
+        rows,
+    )
+}
+
+/// Left-aligned columns as wide as their widest cell.
+fn table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
+    let mut lines: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
+    lines.extend(rows);
+    let mut widths = vec![0; header.len()];
+    for line in &lines {
+        for (width, cell) in widths.iter_mut().zip(line) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for line in &lines {
+        let cells: Vec<String> = line
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        let _ = writeln!(out, "{}", cells.join("  ").trim_end());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_columns_to_the_widest_cell() {
+        let text = table(
+            &["A", "BB"],
+            vec![vec!["long cell".to_string(), "x".to_string()]].into_iter(),
+        );
+        assert_eq!(text, "A          BB\nlong cell  x\n");
+    }
+}

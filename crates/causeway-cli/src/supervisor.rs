@@ -1,0 +1,491 @@
+//! `causeway up`: prepares the data dir (CA, certificates, token key), starts every component as
+//! its own process in dependency order, prints what runs where, restarts a component that dies,
+//! and on Ctrl-C or SIGTERM stops everything, edge first, within five seconds.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use causeway_core::launch::LAUNCH_ENV;
+use causeway_core::tls::LocalCa;
+use causeway_core::{ChildReport, DataDir, Launch, Role, Topology};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+use crate::state::{ComponentState, Phase, RunState, is_alive};
+
+/// How long a component may take to report ready.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// Each role gets this long to exit after SIGTERM before the next role is asked.
+const STOP_GRACE_PER_ROLE: Duration = Duration::from_millis(800);
+const RESTART_BACKOFF_FIRST: Duration = Duration::from_secs(1);
+const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+struct Running {
+    role: Role,
+    pid: u32,
+    started: Instant,
+}
+
+enum Event {
+    Exited { instance: String, status: String },
+    Restart { instance: String },
+}
+
+struct Supervisor {
+    topology: Topology,
+    data: DataDir,
+    exe: PathBuf,
+    dns: Option<SocketAddr>,
+    registry: Option<SocketAddr>,
+    running: HashMap<String, Running>,
+    state: RunState,
+    events: mpsc::UnboundedSender<Event>,
+    backoff: HashMap<String, Duration>,
+}
+
+/// Runs the whole topology until Ctrl-C or SIGTERM.
+pub async fn up(mut topology: Topology) -> anyhow::Result<()> {
+    let data_root = prepare_data_dir(&topology.data_dir)?;
+    topology.data_dir = data_root.clone();
+    let data = DataDir::new(&data_root);
+    if let Ok(state) = RunState::load(&data_root)
+        && state.supervisor_pid != std::process::id()
+        && is_alive(state.supervisor_pid)
+    {
+        bail!(
+            "causeway is already running with data dir {} (pid {}); stop it first",
+            data_root.display(),
+            state.supervisor_pid
+        );
+    }
+    check_fixed_ports(&topology)?;
+    prepare_credentials(&topology, &data)?;
+
+    let (events, mut inbox) = mpsc::unbounded_channel();
+    let mut supervisor = Supervisor {
+        state: RunState {
+            supervisor_pid: std::process::id(),
+            data_dir: data_root.clone(),
+            dns: topology.discovery.dns_listen,
+            registry: topology.discovery.api_listen,
+            edge: None,
+            components: Vec::new(),
+        },
+        topology,
+        data,
+        exe: std::env::current_exe().context("cannot find the causeway executable")?,
+        dns: None,
+        registry: None,
+        running: HashMap::new(),
+        events,
+        backoff: HashMap::new(),
+    };
+
+    println!("causeway: starting (data dir {})", data_root.display());
+    let started = Instant::now();
+    let shutdown = tokio::spawn(causeway_core::serve::termination_signal());
+    tokio::pin!(shutdown);
+    let start_all = supervisor.start_all();
+    let outcome = tokio::select! {
+        outcome = start_all => outcome,
+        _ = &mut shutdown => Err(anyhow::anyhow!("interrupted while starting")),
+    };
+    if let Err(err) = outcome {
+        supervisor.stop_all().await;
+        RunState::remove(&data_root);
+        return Err(err);
+    }
+    supervisor.save_state();
+    println!(
+        "causeway: {} components ready in {:.1} s\n",
+        supervisor.running.len(),
+        started.elapsed().as_secs_f64()
+    );
+    print!("{}", crate::status::ready_table(&supervisor.state));
+    if let Some(edge) = supervisor.state.edge {
+        println!(
+            "\nedge: https://localhost:{}/api/users/123/orders  (CA: {})",
+            edge.port(),
+            supervisor.data.ca_cert().display()
+        );
+        println!(
+            "token: causeway token --sub 123    status: causeway status    demo: causeway demo rest"
+        );
+    }
+    println!("Ctrl-C stops everything.");
+
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(event) = inbox.recv() => supervisor.handle(event).await,
+        }
+    }
+    println!("\ncauseway: stopping");
+    supervisor.stop_all().await;
+    RunState::remove(&data_root);
+    println!("causeway: stopped");
+    Ok(())
+}
+
+/// Creates the data dir and proves it writable; returns its absolute path.
+fn prepare_data_dir(dir: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("data dir {} cannot be created", dir.display()))?;
+    let absolute = std::fs::canonicalize(dir)
+        .with_context(|| format!("data dir {} cannot be resolved", dir.display()))?;
+    let probe = absolute.join(".write-test");
+    std::fs::write(&probe, b"ok")
+        .with_context(|| format!("data dir {} is not writable", absolute.display()))?;
+    let _ = std::fs::remove_file(probe);
+    for sub in ["logs", "db", "run", "tls"] {
+        std::fs::create_dir_all(absolute.join(sub))
+            .with_context(|| format!("data dir {} is not writable", absolute.display()))?;
+    }
+    Ok(absolute)
+}
+
+/// Fails before anything starts if a fixed port is taken, naming the port and its user.
+fn check_fixed_ports(topology: &Topology) -> anyhow::Result<()> {
+    let dns = topology.discovery.dns_listen;
+    let mut tcp = vec![
+        ("the DNS server (tcp)", dns),
+        ("the registry API", topology.discovery.api_listen),
+        ("the load balancer", topology.load_balancer.listen),
+    ];
+    let fixed = |base: SocketAddr, count: usize| {
+        (0..count).map(move |i| causeway_core::topology::instance_addr(base, i))
+    };
+    for addr in fixed(
+        topology.reverse_proxy.listen,
+        topology.reverse_proxy.instances,
+    ) {
+        tcp.push(("a reverse proxy", addr));
+    }
+    for addr in fixed(
+        topology.user_service.listen,
+        topology.user_service.instances,
+    ) {
+        tcp.push(("user-service", addr));
+    }
+    for addr in fixed(
+        topology.order_service.listen,
+        topology.order_service.instances,
+    ) {
+        tcp.push(("order-service", addr));
+    }
+    for (what, addr) in tcp.into_iter().filter(|(_, addr)| addr.port() != 0) {
+        TcpListener::bind(addr).with_context(|| {
+            format!("port {} ({addr}) for {what} is not available", addr.port())
+        })?;
+    }
+    if dns.port() != 0 {
+        UdpSocket::bind(dns).with_context(|| {
+            format!(
+                "port {} ({dns}) for the DNS server (udp) is not available",
+                dns.port()
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// The CA (kept), a fresh certificate per service, and the token key (kept).
+fn prepare_credentials(topology: &Topology, data: &DataDir) -> anyhow::Result<()> {
+    let ca = LocalCa::load_or_create(&data.tls_dir())?;
+    let zone = &topology.discovery.zone;
+    for role in [Role::ReverseProxy, Role::UserService, Role::OrderService] {
+        let service = role.name();
+        let mut names = vec![format!("{service}.{zone}"), format!("*.{service}.{zone}")];
+        if role == Role::ReverseProxy {
+            names.extend(topology.reverse_proxy.server_names.iter().cloned());
+        } else {
+            names.extend(["localhost".to_string(), "127.0.0.1".to_string()]);
+        }
+        ca.issue(service, &names)?;
+    }
+    causeway_proxy::auth::load_or_create_key(&data.jwt_key())?;
+    Ok(())
+}
+
+impl Supervisor {
+    async fn start_all(&mut self) -> anyhow::Result<()> {
+        for role in Role::ALL {
+            let count = self.topology.instances(role);
+            let starts = (0..count).map(|index| self.spawn(role, index));
+            // Instances of one role start together; roles start in dependency order.
+            let results = futures_util::future::join_all(starts).await;
+            for result in results {
+                let (child, ready) = result?;
+                self.adopt(role, child, ready);
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts one instance and waits for its ready report.
+    async fn spawn(&self, role: Role, index: usize) -> anyhow::Result<(Child, ChildReport)> {
+        let instance = role.instance_name(index);
+        let launch = Launch {
+            role,
+            index,
+            topology: self.topology.clone(),
+            dns_addr: self.dns.unwrap_or(self.topology.discovery.dns_listen),
+            registry_addr: self.registry.unwrap_or(self.topology.discovery.api_listen),
+        };
+        let log_path = self.data.log(&instance);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("cannot open log file {}", log_path.display()))?;
+        let mut command = Command::new(&self.exe);
+        command
+            .arg("component")
+            .arg(&instance)
+            .arg("--data-dir")
+            .arg(self.data.root())
+            .env(LAUNCH_ENV, serde_json::to_string(&launch)?)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            // Its own process group: a terminal's Ctrl-C reaches only the supervisor, which
+            // then stops the components in order.
+            .process_group(0)
+            .kill_on_drop(true);
+        #[cfg(target_os = "linux")]
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            command.pre_exec(|| {
+                // If the supervisor dies without stopping us (kill -9), we stop too.
+                nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from)
+            });
+        }
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("cannot start {instance}"))?;
+        let stdout = child.stdout.take().context("child stdout is not piped")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let first = tokio::time::timeout(START_TIMEOUT, lines.next_line()).await;
+        let report = match first {
+            Ok(Ok(Some(line))) => serde_json::from_str::<ChildReport>(&line)
+                .with_context(|| format!("{instance} reported nonsense: {line}"))?,
+            Ok(Ok(None)) | Ok(Err(_)) => {
+                let status = child.wait().await.ok();
+                bail!(
+                    "{instance} exited before it was ready ({}); see {}",
+                    describe_exit(status),
+                    log_path.display()
+                );
+            }
+            Err(_) => {
+                let _ = child.kill().await;
+                bail!(
+                    "{instance} was not ready within {START_TIMEOUT:?}; see {}",
+                    log_path.display()
+                );
+            }
+        };
+        if let ChildReport::Failed { message } = report {
+            let _ = child.wait().await;
+            bail!("{instance} failed to start: {message}");
+        }
+        // Keep reading so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok((child, report))
+    }
+
+    /// Takes a ready child into the running set and watches for its exit.
+    fn adopt(&mut self, role: Role, mut child: Child, ready: ChildReport) {
+        let ChildReport::Ready {
+            instance,
+            pid,
+            listen,
+            admin,
+        } = ready
+        else {
+            return;
+        };
+        match role {
+            Role::Discovery => {
+                self.dns = Some(listen);
+                self.registry = Some(admin);
+                self.state.dns = listen;
+                self.state.registry = admin;
+            }
+            Role::LoadBalancer => self.state.edge = Some(listen),
+            _ => {}
+        }
+        let log = self.data.log(&instance);
+        match self.state.component_mut(&instance) {
+            Some(component) => {
+                component.pid = Some(pid);
+                component.listen = Some(listen);
+                component.admin = Some(admin);
+                component.phase = Phase::Running;
+            }
+            None => self.state.components.push(ComponentState {
+                role,
+                instance: instance.clone(),
+                pid: Some(pid),
+                listen: Some(listen),
+                admin: Some(admin),
+                phase: Phase::Running,
+                restarts: 0,
+                last_exit: None,
+                log,
+            }),
+        }
+        println!("  {instance:<18} ready  pid {pid:<7} {listen}");
+        self.running.insert(
+            instance.clone(),
+            Running {
+                role,
+                pid,
+                started: Instant::now(),
+            },
+        );
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let status = describe_exit(child.wait().await.ok());
+            let _ = events.send(Event::Exited { instance, status });
+        });
+    }
+
+    async fn handle(&mut self, event: Event) {
+        match event {
+            Event::Exited { instance, status } => {
+                let Some(running) = self.running.remove(&instance) else {
+                    return;
+                };
+                eprintln!("causeway: {instance} exited unexpectedly ({status}); restarting");
+                // A component that ran a while gets a fresh backoff; one that keeps dying waits longer.
+                let backoff = if running.started.elapsed() > RESTART_BACKOFF_MAX {
+                    RESTART_BACKOFF_FIRST
+                } else {
+                    self.backoff
+                        .get(&instance)
+                        .map(|last| (*last * 2).min(RESTART_BACKOFF_MAX))
+                        .unwrap_or(RESTART_BACKOFF_FIRST)
+                };
+                self.backoff.insert(instance.clone(), backoff);
+                if let Some(component) = self.state.component_mut(&instance) {
+                    component.phase = Phase::Down;
+                    component.pid = None;
+                    component.last_exit = Some(status);
+                }
+                self.save_state();
+                self.restart_later(instance, backoff);
+            }
+            Event::Restart { instance } => {
+                let Some(component) = self.state.component_mut(&instance) else {
+                    return;
+                };
+                let role = component.role;
+                let index = role_index(&instance);
+                component.restarts += 1;
+                match self.spawn(role, index).await {
+                    Ok((child, ready)) => {
+                        self.adopt(role, child, ready);
+                        eprintln!("causeway: {instance} restarted");
+                    }
+                    Err(err) => {
+                        eprintln!("causeway: restarting {instance} failed: {err:#}");
+                        let backoff = self
+                            .backoff
+                            .get(&instance)
+                            .map(|last| (*last * 2).min(RESTART_BACKOFF_MAX))
+                            .unwrap_or(RESTART_BACKOFF_FIRST);
+                        self.backoff.insert(instance.clone(), backoff);
+                        self.restart_later(instance, backoff);
+                    }
+                }
+                self.save_state();
+            }
+        }
+    }
+
+    fn restart_later(&self, instance: String, after: Duration) {
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let _ = events.send(Event::Restart { instance });
+        });
+    }
+
+    fn save_state(&self) {
+        if let Err(err) = self.state.save() {
+            eprintln!("causeway: {err}");
+        }
+    }
+
+    /// SIGTERM role by role, edge first; SIGKILL whatever is left.
+    async fn stop_all(&mut self) {
+        let mut all = Vec::new();
+        for role in Role::ALL.into_iter().rev() {
+            let pids: Vec<u32> = self
+                .running
+                .values()
+                .filter(|r| r.role == role)
+                .map(|r| r.pid)
+                .collect();
+            for pid in &pids {
+                signal(*pid, Signal::SIGTERM);
+            }
+            let deadline = Instant::now() + STOP_GRACE_PER_ROLE;
+            while pids.iter().any(|pid| is_running_child(*pid)) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            all.extend(pids);
+        }
+        for pid in all {
+            if is_running_child(pid) {
+                signal(pid, Signal::SIGKILL);
+            }
+        }
+        self.running.clear();
+    }
+}
+
+/// Whether `pid` is still running (a reaped or zombie child counts as stopped).
+fn is_running_child(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"));
+    match stat {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => is_alive(pid) && !cfg!(target_os = "linux"),
+    }
+}
+
+fn signal(pid: u32, signal: Signal) {
+    if let Ok(pid) = i32::try_from(pid) {
+        let _ = kill(Pid::from_raw(pid), signal);
+    }
+}
+
+fn role_index(instance: &str) -> usize {
+    instance
+        .rsplit_once('-')
+        .and_then(|(_, n)| n.parse::<usize>().ok())
+        .map(|n| n.saturating_sub(1))
+        .unwrap_or(0)
+}
+
+fn describe_exit(status: Option<ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Some(status) => match (status.code(), status.signal()) {
+            (Some(code), _) => format!("exit code {code}"),
+            (None, Some(signal)) => format!("killed by signal {signal}"),
+            _ => status.to_string(),
+        },
+        None => "exit status unknown".to_string(),
+    }
+}

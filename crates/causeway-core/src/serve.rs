@@ -1,0 +1,252 @@
+//! Serving HTTP (1.1 and 2, over TLS or plain) with graceful shutdown, and the admin endpoint
+//! every component exposes (`/healthz`, `/metrics`).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::{Body, Incoming};
+use hyper::service::Service;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use crate::telemetry::Metrics;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How long a TLS handshake may take before the connection is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Tells servers and background tasks to stop. Cloned freely; fired once.
+#[derive(Clone)]
+pub struct Shutdown {
+    receiver: watch::Receiver<bool>,
+}
+
+pub struct ShutdownTrigger {
+    sender: watch::Sender<bool>,
+}
+
+pub fn shutdown_channel() -> (ShutdownTrigger, Shutdown) {
+    let (sender, receiver) = watch::channel(false);
+    (ShutdownTrigger { sender }, Shutdown { receiver })
+}
+
+impl ShutdownTrigger {
+    pub fn fire(&self) {
+        let _ = self.sender.send(true);
+    }
+}
+
+impl Shutdown {
+    /// Resolves once shutdown is fired (or the trigger is dropped).
+    pub async fn wait(&mut self) {
+        let _ = self.receiver.wait_for(|fired| *fired).await;
+    }
+
+    pub fn is_fired(&self) -> bool {
+        *self.receiver.borrow()
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn termination_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Accepts connections until shutdown, serving each with the service `make_service` builds for
+/// the peer address; then lets open connections finish for up to `drain`.
+pub async fn serve<M, S, B>(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    make_service: M,
+    mut shutdown: Shutdown,
+    drain: Duration,
+) where
+    M: Fn(SocketAddr) -> S,
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let graceful = GracefulShutdown::new();
+    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.wait() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = make_service(peer);
+        let builder = builder.clone();
+        let tls = tls.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let result = match tls {
+                Some(acceptor) => {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls_stream)) => {
+                            let connection = builder
+                                .serve_connection_with_upgrades(TokioIo::new(tls_stream), service)
+                                .into_owned();
+                            watcher.watch(connection).await
+                        }
+                        Ok(Err(err)) => {
+                            tracing::info!(%peer, error = %err, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::info!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    }
+                }
+                None => {
+                    let connection = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .into_owned();
+                    watcher.watch(connection).await
+                }
+            };
+            if let Err(err) = result {
+                tracing::debug!(%peer, error = %err, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after the drain period; closing them");
+    }
+}
+
+/// Binds `addr`, naming it in the error so that "address in use" says which address.
+pub async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, std::io::Error> {
+    TcpListener::bind(addr).await.map_err(|err| {
+        std::io::Error::new(
+            err.kind(),
+            format!("cannot listen on {addr} for {what}: {err}"),
+        )
+    })
+}
+
+/// Builds a response with a JSON body.
+pub fn json_response(status: StatusCode, body: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+    let mut response = Response::new(Full::new(Bytes::from(bytes)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// The error body every Causeway API answers with.
+pub fn error_response(
+    status: StatusCode,
+    code: &str,
+    message: impl Into<String>,
+    request_id: Option<&str>,
+) -> Response<Full<Bytes>> {
+    json_response(
+        status,
+        &crate::registry_api::ErrorBody {
+            error: code.to_string(),
+            message: message.into(),
+            request_id: request_id.map(str::to_owned),
+        },
+    )
+}
+
+/// Serves `/healthz` and `/metrics` on a plain-HTTP admin listener until shutdown.
+pub fn serve_admin(
+    listener: TcpListener,
+    instance: String,
+    metrics: Arc<Metrics>,
+    shutdown: Shutdown,
+) -> impl Future<Output = ()> {
+    let make_service = move |_peer| {
+        let metrics = metrics.clone();
+        let instance = instance.clone();
+        hyper::service::service_fn(move |request: Request<Incoming>| {
+            let response = admin_response(&request, &instance, &metrics);
+            async move { Ok::<_, Infallible>(response) }
+        })
+    };
+    serve(
+        listener,
+        None,
+        make_service,
+        shutdown,
+        Duration::from_secs(1),
+    )
+}
+
+fn admin_response(
+    request: &Request<Incoming>,
+    instance: &str,
+    metrics: &Metrics,
+) -> Response<Full<Bytes>> {
+    match request.uri().path() {
+        "/healthz" => json_response(
+            StatusCode::OK,
+            &serde_json::json!({ "status": "ok", "instance": instance, "pid": std::process::id() }),
+        ),
+        "/metrics" => {
+            let mut response = Response::new(Full::new(Bytes::from(metrics.render())));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            response
+        }
+        path => error_response(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no admin endpoint {path}; try /healthz or /metrics"),
+            None,
+        ),
+    }
+}

@@ -1,0 +1,196 @@
+//! `Server-Timing` headers (W3C Server Timing): how each hop reports what it did and how long it
+//! took, so that `causeway demo` can show the real request's steps from the real response.
+//!
+//! Written here because the format is a few lines and no maintained crate parses it.
+//! Each hop appends entries; an entry's description names the instance that did the work.
+
+use std::fmt::Write;
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+pub const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TimingEntry {
+    pub name: String,
+    /// Milliseconds.
+    pub duration_ms: Option<f64>,
+    pub description: Option<String>,
+}
+
+impl TimingEntry {
+    pub fn new(name: &str, duration: Duration, description: impl Into<String>) -> Self {
+        Self {
+            name: name.to_string(),
+            duration_ms: Some(duration.as_secs_f64() * 1000.0),
+            description: Some(description.into()),
+        }
+    }
+
+    fn format(&self) -> String {
+        let mut out = self.name.clone();
+        if let Some(ms) = self.duration_ms {
+            let _ = write!(out, ";dur={ms:.3}");
+        }
+        if let Some(desc) = &self.description {
+            let escaped: String = desc
+                .chars()
+                .filter(|c| !c.is_control())
+                .flat_map(|c| match c {
+                    '"' | '\\' => vec!['\\', c],
+                    c => vec![c],
+                })
+                .collect();
+            let _ = write!(out, ";desc=\"{escaped}\"");
+        }
+        out
+    }
+}
+
+/// Appends `entry` as its own `Server-Timing` header line.
+pub fn append(headers: &mut HeaderMap, entry: &TimingEntry) {
+    if let Ok(value) = HeaderValue::from_str(&entry.format()) {
+        headers.append(SERVER_TIMING, value);
+    }
+}
+
+/// Every entry in every `Server-Timing` line, in order.
+pub fn parse(headers: &HeaderMap) -> Vec<TimingEntry> {
+    headers
+        .get_all(SERVER_TIMING)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(parse_line)
+        .collect()
+}
+
+fn parse_line(line: &str) -> Vec<TimingEntry> {
+    split_outside_quotes(line, ',')
+        .into_iter()
+        .filter_map(|metric| {
+            let mut parts = split_outside_quotes(&metric, ';').into_iter();
+            let name = parts.next()?.trim().to_string();
+            if name.is_empty() {
+                return None;
+            }
+            let mut entry = TimingEntry {
+                name,
+                duration_ms: None,
+                description: None,
+            };
+            for param in parts {
+                let Some((key, value)) = param.split_once('=') else {
+                    continue;
+                };
+                match key.trim() {
+                    "dur" => entry.duration_ms = value.trim().parse().ok(),
+                    "desc" => entry.description = Some(unquote(value.trim())),
+                    _ => {}
+                }
+            }
+            Some(entry)
+        })
+        .collect()
+}
+
+fn split_outside_quotes(text: &str, separator: char) -> Vec<String> {
+    let mut parts = vec![String::new()];
+    let (mut quoted, mut escaped) = (false, false);
+    for c in text.chars() {
+        let current = parts.last_mut().expect("parts is never empty");
+        if escaped {
+            escaped = false;
+        } else if quoted && c == '\\' {
+            escaped = true;
+        } else if c == '"' {
+            quoted = !quoted;
+        } else if c == separator && !quoted {
+            parts.push(String::new());
+            continue;
+        }
+        current.push(c);
+    }
+    parts
+}
+
+fn unquote(value: &str) -> String {
+    let Some(inner) = value.strip_prefix('"').and_then(|v| v.strip_suffix('"')) else {
+        return value.to_string();
+    };
+    let mut out = String::new();
+    let mut escaped = false;
+    for c in inner.chars() {
+        if !escaped && c == '\\' {
+            escaped = true;
+            continue;
+        }
+        escaped = false;
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_entries_with_awkward_descriptions() {
+        let mut headers = HeaderMap::new();
+        append(
+            &mut headers,
+            &TimingEntry::new(
+                "db",
+                Duration::from_micros(1500),
+                "read 2 rows; user \"123\", fast",
+            ),
+        );
+        append(
+            &mut headers,
+            &TimingEntry::new("lb", Duration::ZERO, "picked order-service-2"),
+        );
+        let entries = parse(&headers);
+        assert_eq!(entries.len(), 2);
+        assert_eq!(entries[0].name, "db");
+        assert_eq!(entries[0].duration_ms, Some(1.5));
+        assert_eq!(
+            entries[0].description.as_deref(),
+            Some("read 2 rows; user \"123\", fast")
+        );
+        assert_eq!(
+            entries[1].description.as_deref(),
+            Some("picked order-service-2")
+        );
+    }
+
+    #[test]
+    fn parses_foreign_lines_with_several_metrics() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            SERVER_TIMING,
+            HeaderValue::from_static("cache;desc=\"Cache Read\";dur=23.2, missedCache, db;dur=53"),
+        );
+        let entries = parse(&headers);
+        let names: Vec<_> = entries.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["cache", "missedCache", "db"]);
+        assert_eq!(entries[0].duration_ms, Some(23.2));
+        assert_eq!(entries[1].duration_ms, None);
+    }
+}
+
+/// Names of the entries Causeway's hops report, which `causeway demo` reads back.
+pub mod steps {
+    /// The reverse proxy at the edge: TLS, gateway checks, routing.
+    pub const EDGE_PROXY: &str = "edge-proxy";
+    /// Discovery of the next service through DNS.
+    pub const DNS: &str = "dns";
+    /// The client library's choice of instance.
+    pub const BALANCE: &str = "lb";
+    /// The call to the next service, from first byte sent to response headers.
+    pub const UPSTREAM: &str = "upstream";
+    pub const ORDER_DB: &str = "order-db";
+    pub const ORDER_SERVICE: &str = "order-service";
+    pub const USER_DB: &str = "user-db";
+    pub const USER_SERVICE: &str = "user-service";
+}

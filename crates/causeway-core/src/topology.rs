@@ -1,0 +1,484 @@
+//! The topology file: one typed configuration struct per component, read from one TOML file
+//! (`causeway.toml`), with defaults that run the whole system on one machine.
+//!
+//! A listen address with port 0 takes any free port; a listen address with a fixed port gives
+//! instance `n` (0-based) port `port + n`, so `listen = "127.0.0.1:9200"` with three instances
+//! uses 9200, 9201 and 9202.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::registry_api::is_dns_label;
+
+/// The file `causeway` reads when no `--config` is given and one exists in the working directory.
+pub const DEFAULT_TOPOLOGY_FILE: &str = "causeway.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    #[error("cannot read topology file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("malformed topology file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid topology: {0}")]
+    Invalid(String),
+}
+
+/// Every process `causeway up` starts plays one of these roles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    Discovery,
+    LoadBalancer,
+    ReverseProxy,
+    UserService,
+    OrderService,
+}
+
+impl Role {
+    /// In start order: discovery first (everyone registers with it), the edge last.
+    pub const ALL: [Role; 5] = [
+        Role::Discovery,
+        Role::OrderService,
+        Role::UserService,
+        Role::ReverseProxy,
+        Role::LoadBalancer,
+    ];
+
+    /// The role's name, which is also its service name in discovery.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Discovery => "discovery",
+            Role::LoadBalancer => "load-balancer",
+            Role::ReverseProxy => "reverse-proxy",
+            Role::UserService => "user-service",
+            Role::OrderService => "order-service",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|role| role.name() == name)
+    }
+
+    /// Instance `index` (0-based) is named `<role>-<index + 1>`.
+    pub fn instance_name(self, index: usize) -> String {
+        format!("{}-{}", self.name(), index + 1)
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The whole system's configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Topology {
+    /// Certificates, keys, databases, logs and run state live here.
+    pub data_dir: PathBuf,
+    pub discovery: DiscoveryConfig,
+    pub load_balancer: LoadBalancerConfig,
+    pub reverse_proxy: ReverseProxyConfig,
+    pub user_service: ServiceConfig,
+    pub order_service: ServiceConfig,
+    pub client: ClientConfig,
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from(".causeway"),
+            discovery: DiscoveryConfig::default(),
+            load_balancer: LoadBalancerConfig::default(),
+            reverse_proxy: ReverseProxyConfig::default(),
+            user_service: ServiceConfig::with_instances(1),
+            order_service: ServiceConfig::with_instances(3),
+            client: ClientConfig::default(),
+        }
+    }
+}
+
+/// The registry and the DNS server that answers from it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    /// DNS over UDP and TCP on the same address.
+    pub dns_listen: SocketAddr,
+    /// Registry HTTP API, `/metrics` and `/healthz`.
+    pub api_listen: SocketAddr,
+    /// The zone the DNS server is authoritative for.
+    pub zone: String,
+    /// TTL of every answer; clients re-resolve at least this often.
+    pub record_ttl_secs: u32,
+    /// How often instances heartbeat.
+    pub heartbeat_interval_ms: u64,
+    /// An instance missing heartbeats this long leaves the registry and DNS.
+    pub expiry_ms: u64,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        Self {
+            dns_listen: ([127, 0, 0, 1], 5353).into(),
+            api_listen: ([127, 0, 0, 1], 5380).into(),
+            zone: "internal".into(),
+            record_ttl_secs: 1,
+            heartbeat_interval_ms: 500,
+            expiry_ms: 2000,
+        }
+    }
+}
+
+/// The edge: a layer-4 balancer over the reverse-proxy instances.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoadBalancerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    /// The service whose instances receive the connections.
+    pub upstream: String,
+    pub health_check_interval_ms: u64,
+    pub health_check_timeout_ms: u64,
+    /// Consecutive failed checks before an endpoint is taken out.
+    pub unhealthy_threshold: u32,
+    /// Consecutive passed checks before it is put back.
+    pub healthy_threshold: u32,
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for LoadBalancerConfig {
+    fn default() -> Self {
+        Self {
+            listen: ([127, 0, 0, 1], 8443).into(),
+            admin_listen: ([127, 0, 0, 1], 0).into(),
+            upstream: Role::ReverseProxy.name().into(),
+            health_check_interval_ms: 500,
+            health_check_timeout_ms: 500,
+            unhealthy_threshold: 2,
+            healthy_threshold: 1,
+            connect_timeout_ms: 1000,
+        }
+    }
+}
+
+/// TLS termination and the API gateway.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReverseProxyConfig {
+    pub instances: usize,
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    /// Names (and IP addresses) on the edge certificate.
+    pub server_names: Vec<String>,
+    /// Larger request bodies are refused with 413.
+    pub max_body_bytes: usize,
+    /// Whole-request deadline at the gateway.
+    pub request_timeout_ms: u64,
+    pub jwt: JwtConfig,
+    pub rate_limit: RateLimitConfig,
+    pub routes: Vec<RouteConfig>,
+}
+
+impl Default for ReverseProxyConfig {
+    fn default() -> Self {
+        Self {
+            instances: 2,
+            listen: ([127, 0, 0, 1], 0).into(),
+            admin_listen: ([127, 0, 0, 1], 0).into(),
+            server_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            max_body_bytes: 1024 * 1024,
+            request_timeout_ms: 10_000,
+            jwt: JwtConfig::default(),
+            rate_limit: RateLimitConfig::default(),
+            routes: vec![RouteConfig {
+                prefix: "/api/users/".into(),
+                service: Role::UserService.name().into(),
+                strip_prefix: Some("/api".into()),
+                auth: true,
+            }],
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JwtConfig {
+    pub issuer: String,
+    pub audience: String,
+    /// Clock skew tolerated on `exp` and `nbf`.
+    pub leeway_secs: u64,
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        Self {
+            issuer: "causeway".into(),
+            audience: "causeway-api".into(),
+            leeway_secs: 0,
+        }
+    }
+}
+
+/// A token bucket per client (the token's subject, else the client address), per proxy instance.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitConfig {
+    pub requests_per_second: u32,
+    pub burst: u32,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            requests_per_second: 200,
+            burst: 400,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Requests whose path starts with this go to `service`; the longest prefix wins.
+    pub prefix: String,
+    pub service: String,
+    /// Removed from the path before forwarding.
+    #[serde(default)]
+    pub strip_prefix: Option<String>,
+    /// Whether a valid JWT is required.
+    #[serde(default = "yes")]
+    pub auth: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// One of the example services.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub instances: usize,
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    /// `sqlite://...` or `postgres://...`; unset: a SQLite file in the data dir.
+    pub database_url: Option<String>,
+}
+
+impl ServiceConfig {
+    fn with_instances(instances: usize) -> Self {
+        Self {
+            instances,
+            ..Self::default()
+        }
+    }
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        Self {
+            instances: 1,
+            listen: ([127, 0, 0, 1], 0).into(),
+            admin_listen: ([127, 0, 0, 1], 0).into(),
+            database_url: None,
+        }
+    }
+}
+
+/// Defaults of the shared client library.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientConfig {
+    pub connect_timeout_ms: u64,
+    /// Deadline of one attempt.
+    pub attempt_timeout_ms: u64,
+    /// Deadline of the whole call, retries included.
+    pub deadline_ms: u64,
+    pub max_attempts: u32,
+    /// How long an endpoint that refused a connection is skipped.
+    pub endpoint_backoff_ms: u64,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout_ms: 1000,
+            attempt_timeout_ms: 2000,
+            deadline_ms: 5000,
+            max_attempts: 3,
+            endpoint_backoff_ms: 5000,
+        }
+    }
+}
+
+/// The listen address of instance `index` for a configured base address.
+pub fn instance_addr(base: SocketAddr, index: usize) -> SocketAddr {
+    if base.port() == 0 {
+        base
+    } else {
+        let port = base.port() as usize + index;
+        SocketAddr::new(base.ip(), u16::try_from(port).unwrap_or(u16::MAX))
+    }
+}
+
+impl Topology {
+    /// Reads `path`, or `causeway.toml` in the working directory if present, or the defaults.
+    pub fn load(path: Option<&Path>) -> Result<Self, TopologyError> {
+        let path = match path {
+            Some(path) => path.to_path_buf(),
+            None if Path::new(DEFAULT_TOPOLOGY_FILE).exists() => DEFAULT_TOPOLOGY_FILE.into(),
+            None => return Ok(Self::default()),
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| TopologyError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let topology = Self::parse(&text).map_err(|message| TopologyError::Parse {
+            path: path.clone(),
+            message,
+        })?;
+        topology.validate()?;
+        Ok(topology)
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|err| err.to_string().trim_end().to_string())
+    }
+
+    /// The configuration of a role's instances, for the roles that run several.
+    pub fn instances(&self, role: Role) -> usize {
+        match role {
+            Role::Discovery | Role::LoadBalancer => 1,
+            Role::ReverseProxy => self.reverse_proxy.instances,
+            Role::UserService => self.user_service.instances,
+            Role::OrderService => self.order_service.instances,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), TopologyError> {
+        let invalid = |message: String| Err(TopologyError::Invalid(message));
+        for role in [Role::ReverseProxy, Role::UserService, Role::OrderService] {
+            let count = self.instances(role);
+            if !(1..=64).contains(&count) {
+                return invalid(format!("{role}: instances must be 1 to 64, not {count}"));
+            }
+        }
+        if !is_dns_label(&self.discovery.zone) {
+            return invalid(format!(
+                "discovery.zone {:?} is not a DNS label",
+                self.discovery.zone
+            ));
+        }
+        if self.discovery.heartbeat_interval_ms == 0
+            || self.discovery.expiry_ms <= self.discovery.heartbeat_interval_ms
+        {
+            return invalid(
+                "discovery.expiry_ms must exceed discovery.heartbeat_interval_ms (> 0)".into(),
+            );
+        }
+        if !is_dns_label(&self.load_balancer.upstream) {
+            return invalid(format!(
+                "load_balancer.upstream {:?} is not a service name",
+                self.load_balancer.upstream
+            ));
+        }
+        let limit = &self.reverse_proxy.rate_limit;
+        if limit.requests_per_second == 0 || limit.burst == 0 {
+            return invalid("reverse_proxy.rate_limit values must be positive".into());
+        }
+        for route in &self.reverse_proxy.routes {
+            if !route.prefix.starts_with('/') {
+                return invalid(format!(
+                    "route prefix {:?} must start with '/'",
+                    route.prefix
+                ));
+            }
+            if !is_dns_label(&route.service) {
+                return invalid(format!(
+                    "route {:?}: {:?} is not a service name",
+                    route.prefix, route.service
+                ));
+            }
+            if let Some(strip) = &route.strip_prefix
+                && !route.prefix.starts_with(strip.as_str())
+            {
+                return invalid(format!(
+                    "route {:?}: strip_prefix {strip:?} is not a prefix of it",
+                    route.prefix
+                ));
+            }
+        }
+        if self.client.max_attempts == 0 {
+            return invalid("client.max_attempts must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_the_defaults() {
+        let topology = Topology::parse("").unwrap();
+        assert_eq!(topology, Topology::default());
+        assert_eq!(topology.instances(Role::OrderService), 3);
+        assert_eq!(topology.instances(Role::ReverseProxy), 2);
+        topology.validate().unwrap();
+    }
+
+    #[test]
+    fn partial_sections_keep_other_defaults() {
+        let topology = Topology::parse(
+            "data_dir = \"/tmp/x\"\n[order_service]\ninstances = 5\n[load_balancer]\nlisten = \"127.0.0.1:9443\"\n",
+        )
+        .unwrap();
+        assert_eq!(topology.order_service.instances, 5);
+        assert_eq!(topology.load_balancer.listen.port(), 9443);
+        assert_eq!(topology.load_balancer.upstream, "reverse-proxy");
+        assert_eq!(topology.data_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_reported_with_their_place() {
+        let err = Topology::parse("[order_service]\ninstanses = 2\n").unwrap_err();
+        assert!(err.contains("instanses"), "{err}");
+        let err = Topology::parse("[load_balancer]\nlisten = \"not an address\"\n").unwrap_err();
+        assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn validation_names_the_offending_setting() {
+        let mut topology = Topology::default();
+        topology.order_service.instances = 0;
+        let err = topology.validate().unwrap_err().to_string();
+        assert!(err.contains("order-service"), "{err}");
+
+        let mut topology = Topology::default();
+        topology.reverse_proxy.routes[0].prefix = "api".into();
+        assert!(topology.validate().unwrap_err().to_string().contains("'/'"));
+    }
+
+    #[test]
+    fn fixed_ports_count_up_per_instance() {
+        let base: SocketAddr = "127.0.0.1:9200".parse().unwrap();
+        assert_eq!(instance_addr(base, 2).port(), 9202);
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        assert_eq!(instance_addr(any, 2).port(), 0);
+    }
+
+    #[test]
+    fn roles_round_trip_through_names() {
+        for role in Role::ALL {
+            assert_eq!(Role::from_name(role.name()), Some(role));
+        }
+        assert_eq!(Role::OrderService.instance_name(1), "order-service-2");
+    }
+}

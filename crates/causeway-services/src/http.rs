@@ -1,0 +1,95 @@
+//! What every service's HTTP API shares: trace context and request ids on every request, a log
+//! line and metrics per request, and JSON errors.
+
+use std::time::Instant;
+
+use axum::Json;
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use causeway_core::registry_api::ErrorBody;
+use causeway_core::telemetry::HttpMetrics;
+use causeway_core::trace_context::{REQUEST_ID, TraceContext};
+use http::{HeaderValue, StatusCode};
+
+/// An error answer: status plus the common JSON body.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub request_id: Option<String>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            request_id: None,
+        }
+    }
+
+    pub fn for_request(mut self, trace: &TraceContext) -> Self {
+        self.request_id = Some(trace.request_id.clone());
+        self
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: self.code.to_string(),
+            message: self.message,
+            request_id: self.request_id,
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+/// Middleware: continues the caller's trace (available to handlers as an extension), echoes the
+/// request id, logs the request and records its metrics under its route template.
+pub async fn observe(
+    State(metrics): State<HttpMetrics>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let started = Instant::now();
+    let trace = TraceContext::continue_from(request.headers());
+    request.extensions_mut().insert(trace.clone());
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|matched| matched.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let mut response = next.run(request).await;
+    let elapsed = started.elapsed();
+    let status = response.status().as_u16();
+    metrics.observe(&route, &method, status, elapsed);
+    if let Ok(value) = HeaderValue::from_str(&trace.request_id) {
+        response.headers_mut().insert(REQUEST_ID, value);
+    }
+    tracing::info!(
+        request_id = %trace.request_id,
+        trace_id = %trace.trace_id,
+        span_id = %trace.span_id,
+        %method,
+        %path,
+        status,
+        elapsed_ms = elapsed.as_secs_f64() * 1000.0,
+        "request"
+    );
+    response
+}
+
+/// The answer for paths no route matches.
+pub async fn not_found(request: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no route for {} {}", request.method(), request.uri().path()),
+    )
+}
