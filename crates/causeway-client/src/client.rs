@@ -64,6 +64,15 @@ pub enum CallError {
     InvalidRequest { service: String, message: String },
 }
 
+/// Per-call overrides of the configured timeouts.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CallOptions {
+    /// Deadline of the whole call, retries included.
+    pub deadline: Option<Duration>,
+    /// Deadline of one attempt.
+    pub attempt_timeout: Option<Duration>,
+}
+
 /// What one attempt did.
 #[derive(Clone, Debug)]
 pub struct Attempt {
@@ -195,22 +204,41 @@ impl ServiceClient {
         &self.discovery
     }
 
-    /// Sends `request` (whose URI is only a path and query) to an instance of `service`.
+    /// Sends `request` (whose URI is only a path and query) to an instance of `service`, with
+    /// the configured timeouts.
     pub async fn send(
         &self,
         service: &str,
         request: Request<Bytes>,
         trace: &TraceContext,
     ) -> (Result<Response<Incoming>, CallError>, CallReport) {
+        self.send_with(service, request, trace, CallOptions::default())
+            .await
+    }
+
+    /// Like [`send`](Self::send), with this call's own timeouts: a proxy gives the call its
+    /// route's deadline, so the service behind it can use its own (shorter) ones and answer.
+    pub async fn send_with(
+        &self,
+        service: &str,
+        request: Request<Bytes>,
+        trace: &TraceContext,
+        options: CallOptions,
+    ) -> (Result<Response<Incoming>, CallError>, CallReport) {
         let started = Instant::now();
         let mut report = CallReport {
             service: service.to_string(),
             ..CallReport::default()
         };
-        let deadline = Duration::from_millis(self.config.deadline_ms);
+        let deadline = options
+            .deadline
+            .unwrap_or(Duration::from_millis(self.config.deadline_ms));
+        let attempt_timeout = options
+            .attempt_timeout
+            .unwrap_or(Duration::from_millis(self.config.attempt_timeout_ms));
         let result = match tokio::time::timeout(
             deadline,
-            self.send_with_retries(service, request, trace, &mut report),
+            self.send_with_retries(service, request, trace, attempt_timeout, &mut report),
         )
         .await
         {
@@ -249,6 +277,7 @@ impl ServiceClient {
         service: &str,
         request: Request<Bytes>,
         trace: &TraceContext,
+        attempt_timeout: Duration,
         report: &mut CallReport,
     ) -> Result<Response<Incoming>, CallError> {
         let host = self.discovery.host_name(service);
@@ -276,7 +305,6 @@ impl ServiceClient {
         let endpoints = resolution.endpoints.clone();
         report.resolution = Some(resolution);
 
-        let attempt_timeout = Duration::from_millis(self.config.attempt_timeout_ms);
         let max_attempts = self.config.max_attempts as usize;
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut last_failure = String::new();

@@ -10,5 +10,5 @@ pub mod discovery;
 pub mod plain_http;
 pub mod registration;
 
-pub use client::{Attempt, CallError, CallReport, ClientSettings, ServiceClient};
+pub use client::{Attempt, CallError, CallOptions, CallReport, ClientSettings, ServiceClient};
 pub use discovery::{Discovery, Endpoint, Resolution, ResolveError};

@@ -347,6 +347,11 @@ impl Topology {
         Ok(topology)
     }
 
+    /// The topology as TOML, in the form `load` reads.
+    pub fn to_toml(&self) -> Result<String, String> {
+        toml::to_string(self).map_err(|err| err.to_string())
+    }
+
     pub fn parse(text: &str) -> Result<Self, String> {
         toml::from_str(text).map_err(|err| err.to_string().trim_end().to_string())
     }
@@ -432,6 +437,15 @@ mod tests {
         assert_eq!(topology.instances(Role::OrderService), 3);
         assert_eq!(topology.instances(Role::ReverseProxy), 2);
         topology.validate().unwrap();
+    }
+
+    #[test]
+    fn toml_round_trips() {
+        let mut topology = Topology::default();
+        topology.order_service.instances = 7;
+        topology.user_service.database_url = Some("postgres://127.0.0.1/test".into());
+        let text = topology.to_toml().unwrap();
+        assert_eq!(Topology::parse(&text).unwrap(), topology);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use causeway_client::{CallError, ServiceClient};
+use causeway_client::{CallError, CallOptions, ServiceClient};
 use causeway_core::serve::{BoxError, error_response};
 use causeway_core::server_timing::{self, TimingEntry, steps};
 use causeway_core::telemetry::HttpMetrics;
@@ -248,19 +248,14 @@ impl Gateway {
         })?;
         *upstream.headers_mut() = headers;
 
-        let call = self.client.send(&route.service, upstream, trace);
-        let (result, report) = tokio::time::timeout(self.request_timeout, call)
-            .await
-            .map_err(|_| {
-                Refusal::Status(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "upstream_timeout",
-                    format!(
-                        "{} did not answer within {:?}",
-                        route.service, self.request_timeout
-                    ),
-                )
-            })?;
+        let options = CallOptions {
+            deadline: Some(self.request_timeout),
+            attempt_timeout: Some(self.request_timeout),
+        };
+        let (result, report) = self
+            .client
+            .send_with(&route.service, upstream, trace, options)
+            .await;
         let response = result.map_err(|err| match err {
             CallError::DeadlineExceeded { .. } => Refusal::Status(
                 StatusCode::GATEWAY_TIMEOUT,

@@ -35,15 +35,36 @@ impl Database {
         }
     }
 
-    /// Runs schema and seed statements, each idempotent.
+    /// Runs schema and seed statements, each idempotent. Instances of a service start together;
+    /// on PostgreSQL concurrent `CREATE TABLE IF NOT EXISTS` can still collide in the catalog,
+    /// so the script runs under an advisory lock there (SQLite serialises writers itself).
     pub async fn run_script(&self, statements: &[&'static str]) -> Result<(), DbError> {
-        for statement in statements {
-            self.pool
-                .execute(*statement)
+        let mut connection = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|source| self.query_error(source))?;
+        let postgres = self.url.starts_with("postgres");
+        if postgres {
+            connection
+                .execute("SELECT pg_advisory_lock(7261655)")
                 .await
                 .map_err(|source| self.query_error(source))?;
         }
-        Ok(())
+        let mut result = Ok(());
+        for statement in statements {
+            if let Err(source) = connection.execute(*statement).await {
+                result = Err(self.query_error(source));
+                break;
+            }
+        }
+        if postgres {
+            // Closing the connection would release the lock too; unlocking keeps it reusable.
+            let _ = connection
+                .execute("SELECT pg_advisory_unlock(7261655)")
+                .await;
+        }
+        result
     }
 }
 

@@ -1,0 +1,560 @@
+//! The whole topology as a user runs it: `causeway up` on ports chosen at run time, driven through
+//! the edge, DNS, the admin endpoints and the CLI, including the failure cases.
+
+mod harness;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use causeway_client::Discovery;
+use causeway_core::Role;
+use causeway_core::trace_context::TRACEPARENT;
+use harness::{System, causeway, eventually, fresh_dir, signal, test_topology, write_topology};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use nix::sys::signal::Signal;
+
+fn error_code(response: &causeway_cli::edge::EdgeResponse) -> String {
+    let json = response.json().expect("error bodies are JSON");
+    json["error"].as_str().unwrap_or_default().to_string()
+}
+
+fn served_by(response: &causeway_cli::edge::EdgeResponse) -> String {
+    let json = response.json().expect("JSON body");
+    json["servedBy"]["orderService"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rest_request_travels_every_hop_and_comes_back() {
+    let system = System::start(test_topology());
+    let stdout = system.stdout.join("\n");
+    for instance in [
+        "discovery-1",
+        "order-service-3",
+        "user-service-1",
+        "reverse-proxy-2",
+        "load-balancer-1",
+    ] {
+        assert!(stdout.contains(instance), "up lists {instance}: {stdout}");
+    }
+
+    let status = system.status_json();
+    assert_eq!(status["running"], true, "{status}");
+    let components = status["components"].as_array().expect("components");
+    assert_eq!(components.len(), 8, "{status}");
+    for component in components {
+        assert_eq!(component["health"], "up", "{component}");
+        assert!(component["pid"].as_u64().is_some(), "{component}");
+        assert!(
+            component["metrics"]
+                .as_str()
+                .unwrap_or_default()
+                .ends_with("/metrics")
+        );
+    }
+
+    let token = system.token("123", 300);
+    let response = system.get("/api/users/123/orders", Some(&token)).await;
+    assert_eq!(response.status, StatusCode::OK, "{:?}", response.body);
+    let json = response.json().unwrap();
+    assert_eq!(json["user"]["name"], "Ada Lovelace");
+    let orders = json["orders"].as_array().expect("orders array");
+    assert_eq!(orders.len(), 2, "{json}");
+    assert_eq!(orders[0]["orderId"], 1);
+    assert_eq!(orders[0]["item"], "Book");
+    assert_eq!(orders[0]["userId"], 123);
+    assert_eq!(json["servedBy"]["userService"], "user-service-1");
+
+    // Balancing: User Service's client library spreads calls over all three instances.
+    let mut seen = BTreeSet::new();
+    for _ in 0..9 {
+        let response = system.get("/api/users/124/orders", Some(&token)).await;
+        assert_eq!(response.status, StatusCode::OK);
+        seen.insert(served_by(&response));
+    }
+    assert_eq!(
+        seen.len(),
+        3,
+        "every order-service instance answers: {seen:?}"
+    );
+
+    // DNS: the internal server answers from the live registry, over real DNS packets.
+    let state = system.state();
+    let discovery = Discovery::new(state.dns, "internal").unwrap();
+    let (addresses, _) = discovery.addresses("order-service").await.unwrap();
+    assert_eq!(addresses, vec![std::net::IpAddr::from([127, 0, 0, 1])]);
+    let resolution = discovery.resolve("order-service").await.unwrap();
+    let listed: Vec<_> = resolution
+        .endpoints
+        .iter()
+        .map(|e| (e.instance.clone(), e.addr))
+        .collect();
+    let expected: Vec<_> = state
+        .components
+        .iter()
+        .filter(|c| c.role == Role::OrderService)
+        .map(|c| (c.instance.clone(), c.listen.unwrap()))
+        .collect();
+    assert_eq!(listed, expected);
+    if let Ok(dig) = std::process::Command::new("dig")
+        .args([
+            "@127.0.0.1",
+            "-p",
+            &state.dns.port().to_string(),
+            "order-service.internal",
+            "A",
+            "+short",
+        ])
+        .output()
+    {
+        assert_eq!(String::from_utf8_lossy(&dig.stdout).trim(), "127.0.0.1");
+    }
+
+    // Metrics: the instance that served counts the request under its route.
+    let order_admin = state
+        .components
+        .iter()
+        .find(|c| c.instance == "order-service-1")
+        .unwrap()
+        .admin
+        .unwrap();
+    let (code, metrics) = causeway_client::plain_http::request(
+        Method::GET,
+        order_admin,
+        "/metrics",
+        None,
+        Duration::from_secs(2),
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, StatusCode::OK);
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(metrics.contains("causeway_http_requests_total{component=\"order-service\",instance=\"order-service-1\",route=\"/orders\",method=\"GET\",status=\"200\"}"), "{metrics}");
+
+    // Trace context: the caller's trace id reaches Order Service's log, two hops away, and the
+    // request id the edge returns is in every hop's log.
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        TRACEPARENT,
+        HeaderValue::from_str(&format!("00-{trace_id}-00f067aa0ba902b7-01")).unwrap(),
+    );
+    headers.insert(
+        header::AUTHORIZATION,
+        HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+    );
+    let traced = system
+        .request(Method::GET, "/api/users/125/orders", headers, Bytes::new())
+        .await;
+    assert_eq!(traced.status, StatusCode::OK);
+    let request_id = traced.headers["x-request-id"].to_str().unwrap().to_string();
+    let order_instance = served_by(&traced);
+    let logs_with = |instance: &str, needle: &str| {
+        std::fs::read_to_string(system.data().log(instance))
+            .unwrap_or_default()
+            .contains(needle)
+    };
+    assert!(
+        logs_with(&order_instance, trace_id),
+        "{order_instance} logged trace {trace_id}"
+    );
+    assert!(logs_with("user-service-1", &request_id));
+    assert!(logs_with(&order_instance, &request_id));
+    assert!(logs_with("reverse-proxy-1", &request_id) || logs_with("reverse-proxy-2", &request_id));
+
+    // The demo performs a real request and prints the seven steps with latencies.
+    let demo = system.run(&["demo", "rest"]);
+    let text = String::from_utf8_lossy(&demo.stdout);
+    assert!(demo.status.success(), "{demo:?}");
+    for step in [
+        " 1. DNS lookup",
+        " 2. HTTP request",
+        " 3. Reverse proxy",
+        " 4. Load balancer",
+        " 5. Order Service",
+        " 6. HTTP response",
+        " 7. User Service",
+    ] {
+        assert!(text.contains(step), "demo prints {step:?}: {text}");
+    }
+    assert!(
+        text.contains("order-service.internal A -> 127.0.0.1"),
+        "{text}"
+    );
+    assert!(text.contains("\"item\":\"Book\""), "{text}");
+    assert!(text.contains("Ada Lovelace"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gateway_refuses_bad_requests_clearly_and_keeps_serving() {
+    let mut topology = test_topology();
+    topology.reverse_proxy.rate_limit.requests_per_second = 1;
+    topology.reverse_proxy.rate_limit.burst = 4;
+    topology.reverse_proxy.max_body_bytes = 1024;
+    let system = System::start(topology);
+    let path = "/api/users/123/orders";
+
+    let missing = system.get(path, None).await;
+    assert_eq!(missing.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(error_code(&missing), "missing_token");
+    assert_eq!(missing.headers[header::WWW_AUTHENTICATE], "Bearer");
+
+    let expired = system.get(path, Some(&system.token("123", -60))).await;
+    assert_eq!(expired.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(error_code(&expired), "token_expired");
+
+    let forged = causeway_proxy::auth::issue(
+        b"a-key-that-is-not-the-causeway-key!!",
+        &system.topology.reverse_proxy.jwt,
+        "123",
+        300,
+    )
+    .unwrap();
+    let forged = system.get(path, Some(&forged)).await;
+    assert_eq!(forged.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(error_code(&forged), "invalid_signature");
+
+    let malformed = system.get(path, Some("not-a-jwt")).await;
+    assert_eq!(malformed.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(error_code(&malformed), "malformed_token");
+    let mut basic = HeaderMap::new();
+    basic.insert(
+        header::AUTHORIZATION,
+        HeaderValue::from_static("Basic dXNlcjpwYXNz"),
+    );
+    let basic = system.request(Method::GET, path, basic, Bytes::new()).await;
+    assert_eq!(error_code(&basic), "malformed_token");
+
+    let token = system.token("123", 300);
+    let unknown = system.get("/api/users/999/orders", Some(&token)).await;
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+    assert_eq!(error_code(&unknown), "user_not_found");
+    let not_a_number = system.get("/api/users/abc/orders", Some(&token)).await;
+    assert_eq!(not_a_number.status, StatusCode::BAD_REQUEST);
+    let no_route = system.get("/nowhere", Some(&token)).await;
+    assert_eq!(no_route.status, StatusCode::NOT_FOUND);
+    assert_eq!(error_code(&no_route), "no_route");
+
+    let mut json = HeaderMap::new();
+    json.insert(
+        header::AUTHORIZATION,
+        HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+    );
+    let oversized = system
+        .request(Method::POST, path, json, Bytes::from(vec![b'x'; 4096]))
+        .await;
+    assert_eq!(oversized.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(error_code(&oversized), "body_too_large");
+
+    // One client floods; it gets 429 with Retry-After, while others are unaffected.
+    let flood = system.token("flood", 300);
+    let mut limited = None;
+    for _ in 0..30 {
+        let response = system.get("/api/users/124/orders", Some(&flood)).await;
+        if response.status == StatusCode::TOO_MANY_REQUESTS {
+            limited = Some(response);
+            break;
+        }
+    }
+    let limited = limited.expect("the flooding client is rate limited");
+    assert_eq!(error_code(&limited), "rate_limited");
+    let retry_after: u64 = limited.headers[header::RETRY_AFTER]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry_after >= 1);
+
+    let fine = system.get(path, Some(&system.token("125", 300))).await;
+    assert_eq!(
+        fine.status,
+        StatusCode::OK,
+        "other clients keep being served"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_order_instance_costs_no_request_and_rejoins() {
+    let system = System::start(test_topology());
+    let token = system.token("123", 300);
+    let victim = "order-service-2";
+    let old_pid = system.pid_of(victim).expect("victim pid");
+
+    let started = Instant::now();
+    let load = |system: &System| {
+        let token = token.clone();
+        let edge = system.edge();
+        let ca = system.data().ca_cert();
+        tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            while started.elapsed() < Duration::from_secs(4) {
+                let mut headers = HeaderMap::new();
+                headers.insert(
+                    header::AUTHORIZATION,
+                    HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+                );
+                let response = causeway_cli::edge::request(
+                    edge,
+                    "localhost",
+                    &ca,
+                    Method::GET,
+                    "/api/users/123/orders",
+                    headers,
+                    Bytes::new(),
+                )
+                .await;
+                statuses.push(response.map(|r| r.status.as_u16()).unwrap_or(0));
+            }
+            statuses
+        })
+    };
+    let workers = [load(&system), load(&system)];
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    signal(old_pid, Signal::SIGKILL);
+
+    let saw_down = eventually(Duration::from_secs(10), async || {
+        let status = system.status_json();
+        let component = status["components"]
+            .as_array()?
+            .iter()
+            .find(|c| c["instance"] == victim)?
+            .clone();
+        (component["health"] == "down" || component["restarts"].as_u64() == Some(1))
+            .then_some(component)
+    })
+    .await;
+    assert!(
+        saw_down.is_some(),
+        "status shows the killed instance down or restarted"
+    );
+
+    let mut statuses = Vec::new();
+    for worker in workers {
+        statuses.extend(worker.await.unwrap());
+    }
+    let failed: Vec<_> = statuses.iter().filter(|s| **s != 200).collect();
+    assert!(
+        statuses.len() > 20,
+        "the load ran: {} requests",
+        statuses.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {failed:?}",
+        failed.len(),
+        statuses.len()
+    );
+
+    let rejoined = eventually(Duration::from_secs(20), async || {
+        let status = system.status_json();
+        let component = status["components"]
+            .as_array()?
+            .iter()
+            .find(|c| c["instance"] == victim)?
+            .clone();
+        let pid = component["pid"].as_u64()?;
+        (component["health"] == "up" && component["restarts"] == 1 && pid != u64::from(old_pid))
+            .then_some(pid)
+    })
+    .await;
+    assert!(
+        rejoined.is_some(),
+        "up restarted {victim}: {}",
+        system.status_json()
+    );
+
+    let discovery = Discovery::new(system.state().dns, "internal").unwrap();
+    let back_in_dns = eventually(Duration::from_secs(5), async || {
+        let resolution = discovery.resolve("order-service").await.ok()?;
+        resolution
+            .endpoints
+            .iter()
+            .any(|e| e.instance == victim)
+            .then_some(())
+    })
+    .await;
+    assert!(back_in_dns.is_some(), "{victim} is back in DNS");
+    let served = eventually(Duration::from_secs(10), async || {
+        let response = system.get("/api/users/123/orders", Some(&token)).await;
+        (served_by(&response) == victim).then_some(())
+    })
+    .await;
+    assert!(served.is_some(), "{victim} serves requests again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hung_order_service_gives_a_bounded_503() {
+    let mut topology = test_topology();
+    topology.order_service.instances = 1;
+    topology.client.attempt_timeout_ms = 400;
+    topology.client.deadline_ms = 1200;
+    let system = System::start(topology);
+    let token = system.token("123", 300);
+    let pid = system.pid_of("order-service-1").expect("pid");
+    signal(pid, Signal::SIGSTOP);
+
+    for _ in 0..2 {
+        let started = Instant::now();
+        let response = system.get("/api/users/123/orders", Some(&token)).await;
+        assert_eq!(
+            response.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{:?}",
+            response.body
+        );
+        assert_eq!(error_code(&response), "order_service_unavailable");
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "answered without hanging"
+        );
+        // Once its heartbeats have expired, discovery no longer lists it at all.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+
+    signal(pid, Signal::SIGCONT);
+    let recovered = eventually(Duration::from_secs(10), async || {
+        let response = system.get("/api/users/123/orders", Some(&token)).await;
+        (response.status == StatusCode::OK).then_some(())
+    })
+    .await;
+    assert!(recovered.is_some(), "the resumed instance serves again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_is_quick_and_leaves_nothing_behind() {
+    let mut system = System::start(test_topology());
+    let running = harness::processes_using(system.data_dir());
+    assert_eq!(running.len(), 8, "{running:?}");
+    let took = system.stop();
+    assert!(took < Duration::from_secs(5), "stopped in {took:?}");
+    assert!(harness::processes_using(system.data_dir()).is_empty());
+    assert!(!system.data().state_file().exists(), "run state removed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn components_stop_when_the_supervisor_is_killed() {
+    let system = System::start(test_topology());
+    signal(system.supervisor_pid(), Signal::SIGKILL);
+    let gone = eventually(Duration::from_secs(5), async || {
+        harness::processes_using(system.data_dir())
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    assert!(
+        gone.is_some(),
+        "left: {:?}",
+        harness::processes_using(system.data_dir())
+    );
+}
+
+#[test]
+fn a_taken_port_is_named_and_nothing_is_left_running() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let mut topology = test_topology();
+    topology.load_balancer.listen = taken.local_addr().unwrap();
+    let config = write_topology(&topology);
+    let output = causeway(&["--config", config.to_str().unwrap(), "up"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains(&format!("port {port}")) && stderr.contains("not available"),
+        "{stderr}"
+    );
+    assert!(harness::processes_using(&topology.data_dir).is_empty());
+}
+
+#[test]
+fn a_component_that_cannot_start_stops_the_rest() {
+    let mut topology = test_topology();
+    // Nothing listens on port 1: Order Service cannot open its database.
+    topology.order_service.database_url = Some("postgres://causeway@127.0.0.1:1/none".into());
+    let config = write_topology(&topology);
+    let output = causeway(&["--config", config.to_str().unwrap(), "up"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("order-service-1 failed to start")
+            && stderr.contains("cannot open database postgres://causeway@127.0.0.1:1/none"),
+        "{stderr}"
+    );
+    assert!(
+        harness::processes_using(&topology.data_dir).is_empty(),
+        "discovery was stopped too"
+    );
+}
+
+#[test]
+fn an_unusable_data_dir_or_topology_is_a_clear_error() {
+    let blocker = fresh_dir("file");
+    std::fs::write(&blocker, "a file, not a directory").unwrap();
+    let mut topology = test_topology();
+    topology.data_dir = blocker.join("data");
+    let config = write_topology(&topology);
+    let output = causeway(&["--config", config.to_str().unwrap(), "up"]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("data dir") && stderr.contains("cannot be created"),
+        "{stderr}"
+    );
+    std::fs::remove_file(&blocker).unwrap();
+
+    let config = fresh_dir("bad-config");
+    std::fs::write(&config, "[order_service]\ninstances = \"three\"\n").unwrap();
+    let output = causeway(&["--config", config.to_str().unwrap(), "up"]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("malformed topology file") && stderr.contains("line 2"),
+        "{stderr}"
+    );
+
+    std::fs::write(&config, "[order_service]\ninstances = 0\n").unwrap();
+    let output = causeway(&["--config", config.to_str().unwrap(), "up"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("instances must be 1 to 64"),
+        "{stderr}"
+    );
+    std::fs::remove_file(&config).unwrap();
+
+    let output = causeway(&["--config", "/nonexistent/causeway.toml", "status"]);
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr)
+            .contains("cannot read topology file /nonexistent/causeway.toml")
+    );
+}
+
+/// Runs against the PostgreSQL named by `CAUSEWAY_TEST_DATABASE_URL` (`.ci/run` sets it); CI
+/// without it is a failure, not a skip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_run_on_postgresql() {
+    let Ok(url) = std::env::var("CAUSEWAY_TEST_DATABASE_URL") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must set CAUSEWAY_TEST_DATABASE_URL"
+        );
+        eprintln!("CAUSEWAY_TEST_DATABASE_URL is not set; PostgreSQL backend not exercised");
+        return;
+    };
+    let system = System::start_with(test_topology(), &["--database-url", &url]);
+    let token = system.token("123", 300);
+    let response = system.get("/api/users/123/orders", Some(&token)).await;
+    assert_eq!(response.status, StatusCode::OK, "{:?}", response.body);
+    let json = response.json().unwrap();
+    assert_eq!(json["user"]["name"], "Ada Lovelace");
+    assert_eq!(json["orders"].as_array().map(Vec::len), Some(2));
+    let log = std::fs::read_to_string(system.data().log("order-service-1")).unwrap_or_default();
+    assert!(!log.contains("sqlite"), "order service used PostgreSQL");
+    let demo = system.run(&["demo", "rest"]);
+    assert!(
+        String::from_utf8_lossy(&demo.stdout).contains("postgres://"),
+        "{demo:?}"
+    );
+}
