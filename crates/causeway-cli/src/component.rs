@@ -8,10 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use causeway_client::grpc::GrpcBalancer;
 use causeway_client::{ClientSettings, Discovery, ServiceClient, registration};
 use causeway_core::registry_api::InstanceRecord;
 use causeway_core::serve::{self, Shutdown, ShutdownTrigger, bind, serve_admin, shutdown_channel};
-use causeway_core::telemetry::Metrics;
+use causeway_core::telemetry::{HttpMetrics, Metrics};
 use causeway_core::topology::instance_addr;
 use causeway_core::{ChildReport, Launch, Role};
 use causeway_discovery::{DiscoveryServer, Registry};
@@ -77,6 +78,28 @@ async fn run() -> anyhow::Result<()> {
             let app = causeway_services::order::app(&deps).await?;
             start_http_service(&launch, metrics, app, shutdown).await?
         }
+        Role::PricingService => {
+            // A gRPC server: its metrics are per method and status code, not HTTP routes.
+            let deps = ServiceDeps {
+                http_metrics: HttpMetrics::default(),
+                ..service_deps(&launch, &mut Metrics::new("unused", "unused"))
+            };
+            let app = causeway_services::pricing::app(&deps).await?;
+            app.register_metrics(&mut metrics);
+            start_pricing(&launch, metrics, app, shutdown).await?
+        }
+        Role::InventoryService => {
+            let settings = client_settings(&launch);
+            let pricing = GrpcBalancer::new(
+                causeway_services::pricing::SERVICE_NAME,
+                &settings,
+                &launch.data().ca_cert(),
+                &mut metrics,
+            )?;
+            let deps = service_deps(&launch, &mut metrics);
+            let app = causeway_services::inventory::app(&deps, Arc::new(pricing)).await?;
+            start_http_service(&launch, metrics, app, shutdown).await?
+        }
     };
     serve::termination_signal().await;
     tracing::info!(%instance, "stopping");
@@ -95,12 +118,16 @@ async fn stop(trigger: ShutdownTrigger, tasks: Vec<JoinHandle<()>>) {
     }
 }
 
-fn service_client(launch: &Launch, metrics: &mut Metrics) -> anyhow::Result<ServiceClient> {
-    let settings = ClientSettings {
+fn client_settings(launch: &Launch) -> ClientSettings {
+    ClientSettings {
         dns_addr: launch.dns_addr,
         zone: launch.topology.discovery.zone.clone(),
         config: launch.topology.client.clone(),
-    };
+    }
+}
+
+fn service_client(launch: &Launch, metrics: &mut Metrics) -> anyhow::Result<ServiceClient> {
+    let settings = client_settings(launch);
     Ok(ServiceClient::new(
         settings,
         &launch.data().ca_cert(),
@@ -109,10 +136,11 @@ fn service_client(launch: &Launch, metrics: &mut Metrics) -> anyhow::Result<Serv
 }
 
 fn service_deps(launch: &Launch, metrics: &mut Metrics) -> ServiceDeps {
-    let config = match launch.role {
-        Role::UserService => &launch.topology.user_service,
-        _ => &launch.topology.order_service,
-    };
+    let config = launch
+        .topology
+        .service(launch.role)
+        .cloned()
+        .unwrap_or_default();
     ServiceDeps {
         instance: launch.instance(),
         database_url: config.database_url.clone(),
@@ -266,16 +294,44 @@ async fn start_reverse_proxy(
     Ok(tasks)
 }
 
+async fn start_pricing(
+    launch: &Launch,
+    metrics: Metrics,
+    app: causeway_services::pricing::PricingApp,
+    shutdown: Shutdown,
+) -> anyhow::Result<Vec<JoinHandle<()>>> {
+    let config = launch
+        .topology
+        .service(launch.role)
+        .cloned()
+        .unwrap_or_default();
+    let (listener, admin) = bind_listeners(launch, config.listen, config.admin_listen).await?;
+    let listen = listener.local_addr()?;
+    let certificate = launch.data().service_cert(launch.role.name());
+    let mut tasks = announce(launch, listen, admin, metrics, &shutdown).await?;
+    let mut stop = shutdown.clone();
+    tasks.push(tokio::spawn(async move {
+        let stopped = async move { stop.wait().await };
+        if let Err(err) =
+            causeway_services::pricing::serve(app, listener, &certificate, stopped).await
+        {
+            tracing::error!(error = %err, "pricing service stopped with an error");
+        }
+    }));
+    Ok(tasks)
+}
+
 async fn start_http_service(
     launch: &Launch,
     metrics: Metrics,
     app: axum::Router,
     shutdown: Shutdown,
 ) -> anyhow::Result<Vec<JoinHandle<()>>> {
-    let config = match launch.role {
-        Role::UserService => &launch.topology.user_service,
-        _ => &launch.topology.order_service,
-    };
+    let config = launch
+        .topology
+        .service(launch.role)
+        .cloned()
+        .unwrap_or_default();
     let (listener, admin) = bind_listeners(launch, config.listen, config.admin_listen).await?;
     let listen = listener.local_addr()?;
     let tls = tls_acceptor(launch)?;

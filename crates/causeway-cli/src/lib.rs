@@ -2,9 +2,12 @@
 //! every started process runs, `status`, `token`, the demos, and the edge client they share with
 //! the integration tests.
 
+pub mod bench;
 pub mod component;
 pub mod demo;
+pub mod demo_grpc;
 pub mod edge;
+pub mod loadgen;
 pub mod state;
 pub mod status;
 pub mod supervisor;

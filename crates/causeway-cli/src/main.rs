@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use causeway_cli::{component, demo, status, supervisor};
+use causeway_cli::{bench, component, demo, demo_grpc, status, supervisor};
 use causeway_core::{DataDir, Topology};
 use clap::{Parser, Subcommand};
 
@@ -50,6 +50,20 @@ enum Command {
         #[command(subcommand)]
         technique: Technique,
     },
+    /// Measure techniques side by side on this machine.
+    Bench {
+        #[command(subcommand)]
+        target: BenchTarget,
+        /// Concurrent callers.
+        #[arg(long, global = true, default_value_t = 32)]
+        concurrency: usize,
+        /// Measured seconds per workload.
+        #[arg(long, global = true, default_value_t = 5)]
+        seconds: u64,
+        /// Warm-up seconds per workload.
+        #[arg(long, global = true, default_value_t = 1)]
+        warmup: u64,
+    },
     /// Run one component (started by `causeway up`, not by hand).
     #[command(hide = true)]
     Component {
@@ -62,6 +76,14 @@ enum Command {
 enum Technique {
     /// REST over HTTPS: User Service -> Order Service.
     Rest,
+    /// gRPC: Inventory Service -> Pricing Service, all four call kinds.
+    Grpc,
+}
+
+#[derive(Subcommand)]
+enum BenchTarget {
+    /// gRPC unary vs REST/JSON (HTTP/1.1, HTTP/2), Pricing Service vs bare tonic, streaming.
+    Grpc,
 }
 
 #[derive(clap::Args)]
@@ -81,17 +103,19 @@ struct UpArgs {
     /// Registry API address.
     #[arg(long, env = "CAUSEWAY_REGISTRY_LISTEN")]
     registry_listen: Option<SocketAddr>,
-    /// Database for User and Order Service (`postgres://...`); default: SQLite in the data dir.
+    /// Database for every service (`postgres://...`); default: SQLite files in the data dir.
     #[arg(long, env = "CAUSEWAY_DATABASE_URL")]
     database_url: Option<String>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Command::Component { .. } = cli.command {
-        return component::main();
-    }
-    match run(cli) {
+    let topology = match &cli.command {
+        // A component reads its whole configuration from the launch description.
+        Command::Component { .. } => return component::main(),
+        _ => topology(&cli),
+    };
+    match topology.and_then(|topology| run(cli.command, topology)) {
         Ok(code) => code,
         Err(err) => {
             eprintln!("causeway: {err:#}");
@@ -108,15 +132,14 @@ fn topology(cli: &Cli) -> anyhow::Result<Topology> {
     Ok(topology)
 }
 
-fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let mut topology = topology(&cli)?;
+fn run(command: Command, mut topology: Topology) -> anyhow::Result<ExitCode> {
     // One thread: the supervisor spawns every child from it, and children are told to stop
     // when the thread that started them ends (PR_SET_PDEATHSIG).
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    match cli.command {
+    match command {
         Command::Up(args) => {
             apply_overrides(&mut topology, args);
             topology.validate()?;
@@ -143,14 +166,37 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{token}");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Demo {
-            technique: Technique::Rest,
-        } => {
-            let report = runtime.block_on(demo::rest(&topology, &topology.data_dir))?;
+        Command::Demo { technique } => {
+            let report = runtime.block_on(async {
+                match technique {
+                    Technique::Rest => demo::rest(&topology, &topology.data_dir).await,
+                    Technique::Grpc => demo_grpc::grpc(&topology, &topology.data_dir).await,
+                }
+            })?;
             print!("{report}");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Component { .. } => unreachable!("handled before the runtime is built"),
+        Command::Bench {
+            target: BenchTarget::Grpc,
+            concurrency,
+            seconds,
+            warmup,
+        } => {
+            let options = bench::BenchOptions {
+                concurrency: concurrency.max(1),
+                duration: std::time::Duration::from_secs(seconds.max(1)),
+                warmup: std::time::Duration::from_secs(warmup),
+            };
+            // Servers and callers share the machine's cores, as they would across processes.
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            let report = runtime.block_on(bench::grpc(&options))?;
+            print!("{report}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Component { .. } => Ok(component::main()),
     }
 }
 
@@ -171,7 +217,13 @@ fn apply_overrides(topology: &mut Topology, args: UpArgs) {
         topology.discovery.api_listen = addr;
     }
     if let Some(url) = args.database_url {
-        topology.user_service.database_url = Some(url.clone());
-        topology.order_service.database_url = Some(url);
+        for service in [
+            &mut topology.user_service,
+            &mut topology.order_service,
+            &mut topology.pricing_service,
+            &mut topology.inventory_service,
+        ] {
+            service.database_url = Some(url.clone());
+        }
     }
 }

@@ -168,17 +168,12 @@ fn check_fixed_ports(topology: &Topology) -> anyhow::Result<()> {
     ) {
         tcp.push(("a reverse proxy", addr));
     }
-    for addr in fixed(
-        topology.user_service.listen,
-        topology.user_service.instances,
-    ) {
-        tcp.push(("user-service", addr));
-    }
-    for addr in fixed(
-        topology.order_service.listen,
-        topology.order_service.instances,
-    ) {
-        tcp.push(("order-service", addr));
+    for role in Role::ALL {
+        if let Some(service) = topology.service(role) {
+            for addr in fixed(service.listen, service.instances) {
+                tcp.push((role.name(), addr));
+            }
+        }
     }
     for (what, addr) in tcp.into_iter().filter(|(_, addr)| addr.port() != 0) {
         TcpListener::bind(addr).with_context(|| {
@@ -200,7 +195,10 @@ fn check_fixed_ports(topology: &Topology) -> anyhow::Result<()> {
 fn prepare_credentials(topology: &Topology, data: &DataDir) -> anyhow::Result<()> {
     let ca = LocalCa::load_or_create(&data.tls_dir())?;
     let zone = &topology.discovery.zone;
-    for role in [Role::ReverseProxy, Role::UserService, Role::OrderService] {
+    let certified = Role::ALL
+        .into_iter()
+        .filter(|role| *role == Role::ReverseProxy || topology.service(*role).is_some());
+    for role in certified {
         let service = role.name();
         let mut names = vec![format!("{service}.{zone}"), format!("*.{service}.{zone}")];
         if role == Role::ReverseProxy {

@@ -44,7 +44,8 @@ async fn rest_request_travels_every_hop_and_comes_back() {
     let status = system.status_json();
     assert_eq!(status["running"], true, "{status}");
     let components = status["components"].as_array().expect("components");
-    assert_eq!(components.len(), 8, "{status}");
+    // discovery, 3 order, 2 pricing, user, inventory, 2 reverse proxies, load balancer.
+    assert_eq!(components.len(), 11, "{status}");
     for component in components {
         assert_eq!(component["health"], "up", "{component}");
         assert!(component["pid"].as_u64().is_some(), "{component}");
@@ -427,7 +428,7 @@ async fn a_hung_order_service_gives_a_bounded_503() {
 async fn stopping_is_quick_and_leaves_nothing_behind() {
     let mut system = System::start(test_topology());
     let running = harness::processes_using(system.data_dir());
-    assert_eq!(running.len(), 8, "{running:?}");
+    assert_eq!(running.len(), 11, "{running:?}");
     let took = system.stop();
     assert!(took < Duration::from_secs(5), "stopped in {took:?}");
     assert!(harness::processes_using(system.data_dir()).is_empty());
@@ -556,5 +557,164 @@ async fn services_run_on_postgresql() {
     assert!(
         String::from_utf8_lossy(&demo.stdout).contains("postgres://"),
         "{demo:?}"
+    );
+}
+
+/// gRPC from outside: through the load balancer and a reverse proxy (JWT checked), HTTP/2 end to
+/// end with trailers intact, in all four call kinds; and Inventory's REST API that uses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grpc_works_through_the_edge_and_behind_inventory() {
+    use causeway_proto::pricing::v1::pricing_service_client::PricingServiceClient;
+    use causeway_proto::pricing::v1::{BasketItem, GetPriceRequest, Offer, StreamPricesRequest};
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+
+    let system = System::start(test_topology());
+    let token = system.token("123", 300);
+
+    let inventory = system.get("/api/inventory/SKU-0001", Some(&token)).await;
+    assert_eq!(inventory.status, StatusCode::OK, "{:?}", inventory.body);
+    let json = inventory.json().unwrap();
+    assert_eq!(json["sku"], "SKU-0001");
+    assert!(json["inStock"].as_i64().is_some(), "{json}");
+    assert_eq!(json["price"]["unitPriceCents"], 12999);
+    assert!(
+        json["price"]["servedBy"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("pricing-service-")
+    );
+    let malformed = system.get("/api/inventory/banana", Some(&token)).await;
+    assert_eq!(malformed.status, StatusCode::BAD_REQUEST);
+    assert_eq!(error_code(&malformed), "invalid_sku");
+
+    let ca = std::fs::read(system.data().ca_cert()).unwrap();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name("localhost");
+    let channel = Endpoint::from_shared(format!("https://{}", system.edge()))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .expect("HTTP/2 over TLS to the edge");
+    let mut client = PricingServiceClient::new(channel);
+    fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        let value = format!("Bearer {token}").parse().expect("ASCII token");
+        request.metadata_mut().insert("authorization", value);
+        request
+    }
+
+    let refused = client
+        .get_price(GetPriceRequest {
+            sku: "SKU-0001".into(),
+        })
+        .await
+        .expect_err("no token, no call");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+
+    let price = client
+        .get_price(with_token(
+            GetPriceRequest {
+                sku: "SKU-0001".into(),
+            },
+            &token,
+        ))
+        .await
+        .expect("GetPrice through the edge")
+        .into_inner();
+    assert_eq!(price.unit_price_cents, 12999);
+    let missing = client
+        .get_price(with_token(
+            GetPriceRequest {
+                sku: "SKU-9999".into(),
+            },
+            &token,
+        ))
+        .await
+        .expect_err("unknown SKU");
+    assert_eq!(
+        missing.code(),
+        tonic::Code::NotFound,
+        "the status travels back in the trailers"
+    );
+
+    let mut updates = client
+        .stream_prices(with_token(
+            StreamPricesRequest {
+                skus: vec!["SKU-0001".into()],
+                interval_ms: 10,
+                max_updates: 3,
+            },
+            &token,
+        ))
+        .await
+        .expect("StreamPrices through the edge")
+        .into_inner();
+    let mut count = 0;
+    while updates.message().await.expect("stream intact").is_some() {
+        count += 1;
+    }
+    assert_eq!(count, 3);
+
+    let items = vec![
+        BasketItem {
+            sku: "SKU-0001".into(),
+            quantity: 1,
+        },
+        BasketItem {
+            sku: "SKU-0002".into(),
+            quantity: 2,
+        },
+    ];
+    let quote = client
+        .quote_basket(with_token(tokio_stream::iter(items), &token))
+        .await
+        .expect("QuoteBasket through the edge")
+        .into_inner();
+    assert_eq!(quote.lines.len(), 2);
+    assert_eq!(quote.units, 3);
+
+    let offers = vec![
+        Offer {
+            sku: "SKU-0001".into(),
+            quantity: 1,
+            offered_unit_price_cents: 1,
+        },
+        Offer {
+            sku: "SKU-0001".into(),
+            quantity: 1,
+            offered_unit_price_cents: 12999,
+        },
+    ];
+    let mut counters = client
+        .live_pricing(with_token(tokio_stream::iter(offers), &token))
+        .await
+        .expect("LivePricing through the edge")
+        .into_inner();
+    let mut answers = Vec::new();
+    while let Some(counter) = counters.message().await.expect("bidi stream intact") {
+        answers.push(counter.accepted);
+    }
+    assert_eq!(answers, vec![false, true]);
+
+    let demo = system.run(&["demo", "grpc"]);
+    let text = String::from_utf8_lossy(&demo.stdout);
+    assert!(demo.status.success(), "{demo:?}");
+    for step in [
+        " 1. gRPC client stub",
+        " 2. Method call",
+        " 3. Protobuf serialization",
+        " 4. gRPC server",
+        " 5. Response",
+        " 6. Secure communication",
+        "through the edge",
+    ] {
+        assert!(text.contains(step), "demo prints {step:?}: {text}");
+    }
+    assert!(
+        text.contains("0a 08 53 4b 55 2d 30 30 30 31"),
+        "the encoded request: {text}"
     );
 }

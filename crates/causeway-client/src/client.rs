@@ -16,13 +16,13 @@ use causeway_core::telemetry::{HistogramFamily, Metrics, latency_histogram};
 use causeway_core::topology::ClientConfig;
 use causeway_core::trace_context::TraceContext;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, header};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
-use crate::connection::{ConnectError, Connections};
+use crate::connection::{ConnectError, Connections, RequestBody};
 use crate::discovery::{Discovery, Endpoint, Resolution, ResolveError};
 
 /// Where discovery is and what to trust.
@@ -93,6 +93,13 @@ pub struct CallReport {
 }
 
 impl CallReport {
+    fn new(service: &str) -> Self {
+        Self {
+            service: service.to_string(),
+            ..Self::default()
+        }
+    }
+
     /// The endpoint that produced the response, if any did.
     pub fn answered_by(&self) -> Option<&Endpoint> {
         self.attempts.last().map(|attempt| &attempt.endpoint)
@@ -226,37 +233,72 @@ impl ServiceClient {
         options: CallOptions,
     ) -> (Result<Response<Incoming>, CallError>, CallReport) {
         let started = Instant::now();
-        let mut report = CallReport {
-            service: service.to_string(),
-            ..CallReport::default()
-        };
-        let deadline = options
-            .deadline
-            .unwrap_or(Duration::from_millis(self.config.deadline_ms));
+        let mut report = CallReport::new(service);
+        let deadline = self.deadline(&options);
         let attempt_timeout = options
             .attempt_timeout
             .unwrap_or(Duration::from_millis(self.config.attempt_timeout_ms));
-        let result = match tokio::time::timeout(
-            deadline,
-            self.send_with_retries(service, request, trace, attempt_timeout, &mut report),
-        )
-        .await
-        {
-            Ok(result) => result,
-            Err(_) => Err(CallError::DeadlineExceeded {
+        let call = self.send_with_retries(service, request, trace, attempt_timeout, &mut report);
+        let timed = tokio::time::timeout(deadline, call).await;
+        self.finish(service, deadline, timed, started, report)
+    }
+
+    /// Sends a request whose body is a stream (a gRPC call through the edge, say). It goes to
+    /// one instance: instances that refuse the connection are skipped, but once the body has
+    /// started flowing there is no retry. The deadline covers the wait for response headers;
+    /// the response body then streams for as long as it lasts.
+    pub async fn send_streaming(
+        &self,
+        service: &str,
+        request: Request<RequestBody>,
+        trace: &TraceContext,
+        options: CallOptions,
+    ) -> (Result<Response<Incoming>, CallError>, CallReport) {
+        let started = Instant::now();
+        let mut report = CallReport::new(service);
+        let deadline = self.deadline(&options);
+        let call = self.stream_once(service, request, trace, &mut report);
+        let timed = tokio::time::timeout(deadline, call).await;
+        self.finish(service, deadline, timed, started, report)
+    }
+
+    fn deadline(&self, options: &CallOptions) -> Duration {
+        options
+            .deadline
+            .unwrap_or(Duration::from_millis(self.config.deadline_ms))
+    }
+
+    /// Turns a call that may have run out of time into its result, and records it.
+    fn finish(
+        &self,
+        service: &str,
+        deadline: Duration,
+        timed: Result<Result<Response<Incoming>, CallError>, tokio::time::error::Elapsed>,
+        started: Instant,
+        mut report: CallReport,
+    ) -> (Result<Response<Incoming>, CallError>, CallReport) {
+        let result = timed.unwrap_or_else(|_| {
+            Err(CallError::DeadlineExceeded {
                 service: service.to_string(),
                 deadline,
-            }),
-        };
+            })
+        });
         report.elapsed = started.elapsed();
-        let outcome = match &result {
+        self.record(service, &result, &report);
+        (result, report)
+    }
+
+    fn record(
+        &self,
+        service: &str,
+        result: &Result<Response<Incoming>, CallError>,
+        report: &CallReport,
+    ) {
+        let outcome = match result {
             Ok(response) => response.status().as_u16().to_string(),
             Err(CallError::Resolve(_)) => "unresolved".into(),
             Err(CallError::DeadlineExceeded { .. }) => "deadline".into(),
             Err(_) => "failed".into(),
-        };
-        let service_label = ServiceLabel {
-            service: service.to_string(),
         };
         self.metrics
             .calls
@@ -267,21 +309,21 @@ impl ServiceClient {
             .inc();
         self.metrics
             .duration
-            .get_or_create(&service_label)
+            .get_or_create(&ServiceLabel {
+                service: service.to_string(),
+            })
             .observe(report.elapsed.as_secs_f64());
-        (result, report)
     }
 
-    async fn send_with_retries(
+    /// The URI and headers every attempt sends: `https://<service>.<zone><path>`, connection
+    /// headers removed, this hop's trace context added.
+    fn prepare(
         &self,
         service: &str,
-        request: Request<Bytes>,
+        parts: &http::request::Parts,
         trace: &TraceContext,
-        attempt_timeout: Duration,
-        report: &mut CallReport,
-    ) -> Result<Response<Incoming>, CallError> {
+    ) -> Result<(String, Uri, HeaderMap), CallError> {
         let host = self.discovery.host_name(service);
-        let (parts, body) = request.into_parts();
         let path = parts
             .uri
             .path_and_query()
@@ -294,11 +336,121 @@ impl ServiceClient {
                     service: service.to_string(),
                     message: err.to_string(),
                 })?;
-        let mut headers = parts.headers;
+        let mut headers = parts.headers.clone();
+        // `te: trailers` is the one TE value HTTP/2 allows, and gRPC needs it.
+        let keeps_trailers = headers
+            .get(header::TE)
+            .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"trailers"));
         for name in CONNECTION_HEADERS {
             headers.remove(name);
         }
+        if keeps_trailers {
+            headers.insert(header::TE, header::HeaderValue::from_static("trailers"));
+        }
         trace.inject(&mut headers);
+        Ok((host, uri, headers))
+    }
+
+    async fn stream_once(
+        &self,
+        service: &str,
+        request: Request<RequestBody>,
+        trace: &TraceContext,
+        report: &mut CallReport,
+    ) -> Result<Response<Incoming>, CallError> {
+        let (parts, body) = request.into_parts();
+        let (host, uri, headers) = self.prepare(service, &parts, trace)?;
+        let resolution = self.discovery.resolve(service).await?;
+        let endpoints = resolution.endpoints.clone();
+        report.resolution = Some(resolution);
+        let mut tried = Vec::new();
+        let mut last_failure = String::new();
+        for _ in 0..self.config.max_attempts {
+            let endpoint = self.pick(&endpoints, &tried);
+            tried.push(endpoint.addr);
+            let attempt_started = Instant::now();
+            let mut attempt = Attempt {
+                endpoint: endpoint.clone(),
+                connect: None,
+                elapsed: Duration::ZERO,
+                outcome: String::new(),
+            };
+            let connected = self.connections.get(&host, endpoint.addr).await;
+            let (mut sender, connect) = match connected {
+                Ok(connected) => connected,
+                Err(err) => {
+                    self.connect_failed(service, &endpoint, &err);
+                    attempt.outcome = err.to_string();
+                    attempt.elapsed = attempt_started.elapsed();
+                    last_failure = err.to_string();
+                    report.attempts.push(attempt);
+                    continue;
+                }
+            };
+            attempt.connect = connect;
+            if let Err(err) = sender.ready().await {
+                // Nothing was sent on a connection that closed meanwhile: try another.
+                self.connections.discard(&host, endpoint.addr);
+                attempt.outcome = format!("connection closed: {err}");
+                last_failure = attempt.outcome.clone();
+                attempt.elapsed = attempt_started.elapsed();
+                report.attempts.push(attempt);
+                continue;
+            }
+            let mut outgoing = Request::new(body);
+            *outgoing.method_mut() = parts.method.clone();
+            *outgoing.uri_mut() = uri;
+            *outgoing.headers_mut() = headers;
+            *outgoing.version_mut() = http::Version::HTTP_2;
+            let result = sender.send_request(outgoing).await;
+            attempt.elapsed = attempt_started.elapsed();
+            return match result {
+                Ok(response) => {
+                    attempt.outcome = response.status().as_u16().to_string();
+                    report.attempts.push(attempt);
+                    Ok(response)
+                }
+                Err(err) => {
+                    self.connections.discard(&host, endpoint.addr);
+                    attempt.outcome = describe_hyper_error(&err);
+                    report.attempts.push(attempt);
+                    Err(CallError::NotRetryable {
+                        service: service.to_string(),
+                        method: parts.method.clone(),
+                        message: describe_hyper_error(&err),
+                    })
+                }
+            };
+        }
+        Err(CallError::Exhausted {
+            service: service.to_string(),
+            attempts: report.attempts.len(),
+            last: last_failure,
+        })
+    }
+
+    fn connect_failed(&self, service: &str, endpoint: &Endpoint, err: &ConnectError) {
+        self.rest(endpoint);
+        self.discovery.forget_service(service);
+        self.metrics
+            .connect_failures
+            .get_or_create(&ServiceLabel {
+                service: service.to_string(),
+            })
+            .inc();
+        tracing::warn!(service, instance = %endpoint.instance, error = %err, "instance unreachable; trying another");
+    }
+
+    async fn send_with_retries(
+        &self,
+        service: &str,
+        request: Request<Bytes>,
+        trace: &TraceContext,
+        attempt_timeout: Duration,
+        report: &mut CallReport,
+    ) -> Result<Response<Incoming>, CallError> {
+        let (parts, body) = request.into_parts();
+        let (host, uri, headers) = self.prepare(service, &parts, trace)?;
         let idempotent = is_idempotent(&parts.method);
 
         let resolution = self.discovery.resolve(service).await?;
@@ -344,15 +496,7 @@ impl ServiceClient {
                     return Ok(response);
                 }
                 Ok(Err(AttemptError::Connect(err))) => {
-                    self.rest(&endpoint);
-                    self.discovery.forget_service(service);
-                    self.metrics
-                        .connect_failures
-                        .get_or_create(&ServiceLabel {
-                            service: service.to_string(),
-                        })
-                        .inc();
-                    tracing::warn!(service, instance = %endpoint.instance, error = %err, "instance unreachable; trying another");
+                    self.connect_failed(service, &endpoint, &err);
                     attempt.outcome = err.to_string();
                     last_failure = err.to_string();
                     report.attempts.push(attempt);
@@ -397,7 +541,7 @@ impl ServiceClient {
         &self,
         host: &str,
         endpoint: &Endpoint,
-        request: Request<Full<Bytes>>,
+        request: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Option<Duration>), AttemptError> {
         let (mut sender, connect) = self
             .connections
@@ -456,8 +600,11 @@ fn build_request(
     uri: &Uri,
     headers: &HeaderMap,
     body: &Bytes,
-) -> Request<Full<Bytes>> {
-    let mut request = Request::new(Full::new(body.clone()));
+) -> Request<RequestBody> {
+    let body = Full::new(body.clone())
+        .map_err(|never| match never {})
+        .boxed();
+    let mut request = Request::new(body);
     *request.method_mut() = method.clone();
     *request.uri_mut() = uri.clone();
     *request.headers_mut() = headers.clone();

@@ -8,14 +8,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::combinators::BoxBody;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-pub type Sender = SendRequest<Full<Bytes>>;
+/// Request bodies: buffered ones (retryable) and streamed ones (gRPC through the edge) alike.
+pub type RequestBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+pub type Sender = SendRequest<RequestBody>;
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum ConnectError {

@@ -7,6 +7,7 @@
 pub mod client;
 pub mod connection;
 pub mod discovery;
+pub mod grpc;
 pub mod plain_http;
 pub mod registration;
 

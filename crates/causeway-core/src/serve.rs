@@ -100,20 +100,7 @@ pub async fn serve<M, S, B>(
 {
     let graceful = GracefulShutdown::new();
     let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %err, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.wait() => break,
-        };
-        let _ = stream.set_nodelay(true);
+    while let Some((stream, peer)) = accept(&listener, &mut shutdown).await {
         let service = make_service(peer);
         let builder = builder.clone();
         let tls = tls.clone();
@@ -156,6 +143,29 @@ pub async fn serve<M, S, B>(
         .is_err()
     {
         tracing::warn!("connections still open after the drain period; closing them");
+    }
+}
+
+/// The next connection (with `TCP_NODELAY` set), or `None` once shutdown fires.
+pub async fn accept(
+    listener: &TcpListener,
+    shutdown: &mut Shutdown,
+) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    return Some((stream, peer));
+                }
+                Err(err) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = shutdown.wait() => return None,
+        }
     }
 }
 

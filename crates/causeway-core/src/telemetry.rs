@@ -12,6 +12,23 @@ use tracing_subscriber::EnvFilter;
 
 /// JSON lines on stderr; the level comes from `CAUSEWAY_LOG` (or `RUST_LOG`), default `info`.
 pub fn init_logging() {
+    install(std::io::stderr);
+}
+
+/// The same JSON lines, appended to `path` (for benchmarks, whose stderr is the user's terminal).
+pub fn init_logging_to_file(path: &std::path::Path) -> std::io::Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    install(std::sync::Mutex::new(file));
+    Ok(())
+}
+
+fn install<W>(writer: W)
+where
+    W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
+{
     let filter = EnvFilter::try_from_env("CAUSEWAY_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
         // hickory-server logs every query at info: too much for a DNS server clients poll each TTL.
@@ -23,7 +40,7 @@ pub fn init_logging() {
         .with_current_span(false)
         .with_span_list(false)
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .try_init();
 }
 

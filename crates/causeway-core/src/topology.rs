@@ -37,14 +37,18 @@ pub enum Role {
     ReverseProxy,
     UserService,
     OrderService,
+    PricingService,
+    InventoryService,
 }
 
 impl Role {
     /// In start order: discovery first (everyone registers with it), the edge last.
-    pub const ALL: [Role; 5] = [
+    pub const ALL: [Role; 7] = [
         Role::Discovery,
         Role::OrderService,
+        Role::PricingService,
         Role::UserService,
+        Role::InventoryService,
         Role::ReverseProxy,
         Role::LoadBalancer,
     ];
@@ -57,6 +61,8 @@ impl Role {
             Role::ReverseProxy => "reverse-proxy",
             Role::UserService => "user-service",
             Role::OrderService => "order-service",
+            Role::PricingService => "pricing-service",
+            Role::InventoryService => "inventory-service",
         }
     }
 
@@ -87,6 +93,9 @@ pub struct Topology {
     pub reverse_proxy: ReverseProxyConfig,
     pub user_service: ServiceConfig,
     pub order_service: ServiceConfig,
+    /// gRPC `pricing.v1.PricingService`.
+    pub pricing_service: ServiceConfig,
+    pub inventory_service: ServiceConfig,
     pub client: ClientConfig,
 }
 
@@ -99,6 +108,8 @@ impl Default for Topology {
             reverse_proxy: ReverseProxyConfig::default(),
             user_service: ServiceConfig::with_instances(1),
             order_service: ServiceConfig::with_instances(3),
+            pricing_service: ServiceConfig::with_instances(2),
+            inventory_service: ServiceConfig::with_instances(1),
             client: ClientConfig::default(),
         }
     }
@@ -196,12 +207,27 @@ impl Default for ReverseProxyConfig {
             request_timeout_ms: 10_000,
             jwt: JwtConfig::default(),
             rate_limit: RateLimitConfig::default(),
-            routes: vec![RouteConfig {
-                prefix: "/api/users/".into(),
-                service: Role::UserService.name().into(),
-                strip_prefix: Some("/api".into()),
-                auth: true,
-            }],
+            routes: vec![
+                RouteConfig {
+                    prefix: "/api/users/".into(),
+                    service: Role::UserService.name().into(),
+                    strip_prefix: Some("/api".into()),
+                    auth: true,
+                },
+                RouteConfig {
+                    prefix: "/api/inventory/".into(),
+                    service: Role::InventoryService.name().into(),
+                    strip_prefix: Some("/api".into()),
+                    auth: true,
+                },
+                // gRPC through the edge: HTTP/2 end to end, streamed, trailers intact.
+                RouteConfig {
+                    prefix: "/pricing.v1.PricingService/".into(),
+                    service: Role::PricingService.name().into(),
+                    strip_prefix: None,
+                    auth: true,
+                },
+            ],
         }
     }
 }
@@ -363,12 +389,31 @@ impl Topology {
             Role::ReverseProxy => self.reverse_proxy.instances,
             Role::UserService => self.user_service.instances,
             Role::OrderService => self.order_service.instances,
+            Role::PricingService => self.pricing_service.instances,
+            Role::InventoryService => self.inventory_service.instances,
+        }
+    }
+
+    /// The configuration of a service role; `None` for discovery and the proxies.
+    pub fn service(&self, role: Role) -> Option<&ServiceConfig> {
+        match role {
+            Role::UserService => Some(&self.user_service),
+            Role::OrderService => Some(&self.order_service),
+            Role::PricingService => Some(&self.pricing_service),
+            Role::InventoryService => Some(&self.inventory_service),
+            Role::Discovery | Role::LoadBalancer | Role::ReverseProxy => None,
         }
     }
 
     pub fn validate(&self) -> Result<(), TopologyError> {
         let invalid = |message: String| Err(TopologyError::Invalid(message));
-        for role in [Role::ReverseProxy, Role::UserService, Role::OrderService] {
+        for role in [
+            Role::ReverseProxy,
+            Role::UserService,
+            Role::OrderService,
+            Role::PricingService,
+            Role::InventoryService,
+        ] {
             let count = self.instances(role);
             if !(1..=64).contains(&count) {
                 return invalid(format!("{role}: instances must be 1 to 64, not {count}"));

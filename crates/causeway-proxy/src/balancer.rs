@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use causeway_client::Discovery;
 use causeway_client::plain_http;
-use causeway_core::serve::Shutdown;
+use causeway_core::serve::{Shutdown, accept};
 use causeway_core::telemetry::Metrics;
 use causeway_core::topology::LoadBalancerConfig;
 use http::{Method, StatusCode};
@@ -225,19 +225,7 @@ impl Balancer {
 
     /// Accepts and splices connections until shutdown; open connections are left to finish.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, mut shutdown: Shutdown) {
-        loop {
-            let (client, peer) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(err) => {
-                        tracing::warn!(error = %err, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                _ = shutdown.wait() => return,
-            };
-            let _ = client.set_nodelay(true);
+        while let Some((client, peer)) = accept(&listener, &mut shutdown).await {
             let balancer = self.clone();
             tokio::spawn(async move { balancer.splice(client, peer).await });
         }

@@ -91,6 +91,42 @@ impl Gateway {
         self.limiter.shrink_to_fit();
     }
 
+    /// Buffers a request body up to the limit (so that it can be retried on another instance).
+    async fn read_body(&self, headers: &HeaderMap, body: Incoming) -> Result<Bytes, Refusal> {
+        let too_large = || {
+            Refusal::Status(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!(
+                    "request bodies are limited to {} bytes",
+                    self.max_body_bytes
+                ),
+            )
+        };
+        let declared_length = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.parse::<usize>().ok());
+        if declared_length.is_some_and(|length| length > self.max_body_bytes) {
+            return Err(too_large());
+        }
+        Ok(Limited::new(body, self.max_body_bytes)
+            .collect()
+            .await
+            .map_err(|err| {
+                if err.is::<http_body_util::LengthLimitError>() {
+                    too_large()
+                } else {
+                    Refusal::Status(
+                        StatusCode::BAD_REQUEST,
+                        "body_unreadable",
+                        format!("could not read the request body: {err}"),
+                    )
+                }
+            })?
+            .to_bytes())
+    }
+
     fn route(&self, path: &str) -> Option<&RouteConfig> {
         self.routes
             .iter()
@@ -113,10 +149,15 @@ impl Gateway {
             .map(|route| route.prefix.clone())
             .unwrap_or_else(|| "unmatched".into());
 
+        let grpc = is_grpc(request.headers());
         let (mut response, detail) = match self.forward(request, peer, &trace).await {
             Ok(forwarded) => forwarded,
             Err(refusal) => {
-                let response = refusal_response(refusal, &trace.request_id);
+                let response = if grpc {
+                    grpc_refusal(refusal)
+                } else {
+                    refusal_response(refusal, &trace.request_id)
+                };
                 let detail = format!("{} refused the request", self.instance);
                 (response, detail)
             }
@@ -190,42 +231,15 @@ impl Gateway {
         }
 
         let (parts, body) = request.into_parts();
-        let declared_length = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.parse::<usize>().ok());
-        let too_large = || {
-            Refusal::Status(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                format!(
-                    "request bodies are limited to {} bytes",
-                    self.max_body_bytes
-                ),
-            )
-        };
-        if declared_length.is_some_and(|length| length > self.max_body_bytes) {
-            return Err(too_large());
-        }
-        let body = Limited::new(body, self.max_body_bytes)
-            .collect()
-            .await
-            .map_err(|err| {
-                if err.is::<http_body_util::LengthLimitError>() {
-                    too_large()
-                } else {
-                    Refusal::Status(
-                        StatusCode::BAD_REQUEST,
-                        "body_unreadable",
-                        format!("could not read the request body: {err}"),
-                    )
-                }
-            })?
-            .to_bytes();
-
         let upstream_path = rewrite_path(route, &parts.uri);
-        let mut headers = parts.headers;
+        let upstream_uri: http::Uri = upstream_path.parse().map_err(|_| {
+            Refusal::Status(
+                StatusCode::BAD_REQUEST,
+                "bad_path",
+                format!("cannot forward {path}"),
+            )
+        })?;
+        let mut headers = parts.headers.clone();
         headers.remove(AUTHENTICATED_SUBJECT);
         if let Some(sub) = &subject
             && let Ok(value) = HeaderValue::from_str(sub)
@@ -237,25 +251,25 @@ impl Gateway {
             peer,
             parts.uri.authority().map(|a| a.as_str()),
         );
-        let mut upstream = Request::new(body);
-        *upstream.method_mut() = parts.method.clone();
-        *upstream.uri_mut() = upstream_path.parse().map_err(|_| {
-            Refusal::Status(
-                StatusCode::BAD_REQUEST,
-                "bad_path",
-                format!("cannot forward {path}"),
-            )
-        })?;
-        *upstream.headers_mut() = headers;
-
         let options = CallOptions {
             deadline: Some(self.request_timeout),
             attempt_timeout: Some(self.request_timeout),
         };
-        let (result, report) = self
-            .client
-            .send_with(&route.service, upstream, trace, options)
-            .await;
+        let (result, report) = if is_grpc(&parts.headers) {
+            // gRPC streams in both directions and its messages carry their own size limits, so
+            // its body is passed through as it comes rather than buffered.
+            let body = body.map_err(|err| -> BoxError { Box::new(err) }).boxed();
+            let upstream = upstream_request(&parts.method, upstream_uri, headers, body);
+            self.client
+                .send_streaming(&route.service, upstream, trace, options)
+                .await
+        } else {
+            let body = self.read_body(&parts.headers, body).await?;
+            let upstream = upstream_request(&parts.method, upstream_uri, headers, body);
+            self.client
+                .send_with(&route.service, upstream, trace, options)
+                .await
+        };
         let response = result.map_err(|err| match err {
             CallError::DeadlineExceeded { .. } => Refusal::Status(
                 StatusCode::GATEWAY_TIMEOUT,
@@ -288,6 +302,26 @@ impl Gateway {
         let body = body.map_err(|err| -> BoxError { Box::new(err) }).boxed();
         Ok((Response::from_parts(parts, body), detail))
     }
+}
+
+fn upstream_request<B>(
+    method: &http::Method,
+    uri: http::Uri,
+    headers: HeaderMap,
+    body: B,
+) -> Request<B> {
+    let mut request = Request::new(body);
+    *request.method_mut() = method.clone();
+    *request.uri_mut() = uri;
+    *request.headers_mut() = headers;
+    request
+}
+
+/// gRPC requests are recognised by their content type (`application/grpc`, `+proto`, ...).
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(b"application/grpc"))
 }
 
 fn rewrite_path(route: &RouteConfig, uri: &http::Uri) -> String {
@@ -332,6 +366,59 @@ fn add_forwarding_headers(headers: &mut HeaderMap, peer: SocketAddr, authority: 
 
 fn full(response: Response<Full<Bytes>>) -> Response<ProxyBody> {
     response.map(|body| body.map_err(|never| match never {}).boxed())
+}
+
+/// A refusal as gRPC clients expect it: HTTP 200 with the status in a trailers-only response.
+fn grpc_refusal(refusal: Refusal) -> Response<ProxyBody> {
+    // Codes from grpc/doc/statuscodes.md and the HTTP-to-gRPC mapping.
+    let (code, message, retry_after) = match refusal {
+        Refusal::Unauthorized(err) => (16, err.to_string(), None),
+        Refusal::RateLimited(wait) => (8, "too many requests".to_string(), Some(wait)),
+        Refusal::Status(status, _, message) => {
+            let code = match status {
+                StatusCode::BAD_REQUEST => 3,
+                StatusCode::NOT_FOUND => 12,
+                StatusCode::PAYLOAD_TOO_LARGE => 8,
+                StatusCode::GATEWAY_TIMEOUT => 4,
+                StatusCode::SERVICE_UNAVAILABLE => 14,
+                _ => 13,
+            };
+            (code, message, None)
+        }
+    };
+    let mut response = Response::new(
+        Full::new(Bytes::new())
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert("grpc-status", HeaderValue::from(code));
+    // grpc-message is percent-encoded; keeping it to printable ASCII keeps it valid as is.
+    let printable: String = message
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect::<String>()
+        .replace('%', "%25");
+    if let Ok(value) = HeaderValue::from_str(&printable) {
+        headers.insert("grpc-message", value);
+    }
+    if let Some(wait) = retry_after {
+        headers.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(wait.as_secs_f64().ceil().max(1.0) as u64),
+        );
+    }
+    response
 }
 
 fn refusal_response(refusal: Refusal, request_id: &str) -> Response<ProxyBody> {
@@ -402,6 +489,46 @@ mod tests {
         );
         let uri: http::Uri = "/api".parse().unwrap();
         assert_eq!(rewrite_path(&route("/api", Some("/api")), &uri), "/");
+    }
+
+    #[test]
+    fn grpc_is_recognised_by_content_type() {
+        let mut headers = HeaderMap::new();
+        assert!(!is_grpc(&headers));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc+proto"),
+        );
+        assert!(is_grpc(&headers));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        assert!(!is_grpc(&headers));
+    }
+
+    #[test]
+    fn grpc_refusals_are_trailers_only_responses_with_grpc_codes() {
+        let unauthenticated = grpc_refusal(Refusal::Unauthorized(AuthError::Expired));
+        assert_eq!(unauthenticated.status(), StatusCode::OK);
+        assert_eq!(unauthenticated.headers()["grpc-status"], "16");
+        assert_eq!(
+            unauthenticated.headers()["grpc-message"],
+            "the token expired"
+        );
+        let limited = grpc_refusal(Refusal::RateLimited(Duration::from_millis(1500)));
+        assert_eq!(limited.headers()["grpc-status"], "8");
+        assert_eq!(limited.headers()[header::RETRY_AFTER], "2");
+        let unavailable = grpc_refusal(Refusal::Status(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream_unavailable",
+            "no instances of pricing-service: 100% down\n".into(),
+        ));
+        assert_eq!(unavailable.headers()["grpc-status"], "14");
+        assert_eq!(
+            unavailable.headers()["grpc-message"],
+            "no instances of pricing-service: 100%25 down?"
+        );
     }
 
     #[test]

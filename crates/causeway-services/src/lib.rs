@@ -7,7 +7,9 @@
 
 pub mod db;
 pub mod http;
+pub mod inventory;
 pub mod order;
+pub mod pricing;
 pub mod user;
 
 use std::path::PathBuf;

@@ -1,0 +1,227 @@
+//! A closed-loop load generator for `causeway bench`: `concurrency` workers each send a request,
+//! wait for the answer, and send the next, for a fixed time after a warm-up. Latencies are kept
+//! whole (one `u32` of microseconds per request), so percentiles are exact, not bucketed.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+/// What one workload measured.
+#[derive(Clone, Debug)]
+pub struct LoadReport {
+    pub name: String,
+    pub requests: u64,
+    pub errors: u64,
+    pub elapsed: Duration,
+    pub p50: Duration,
+    pub p99: Duration,
+    /// CPU the measured server processes used per request, if their pids were given.
+    pub server_cpu_per_request: Option<Duration>,
+}
+
+impl LoadReport {
+    pub fn per_second(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64().max(f64::EPSILON)
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct LoadShape {
+    pub concurrency: usize,
+    pub warmup: Duration,
+    pub duration: Duration,
+}
+
+/// Runs `call` from `shape.concurrency` workers; `server_pids` are the processes whose CPU time
+/// is charged to the workload.
+pub async fn run<F, Fut, E>(
+    name: &str,
+    shape: LoadShape,
+    server_pids: &[u32],
+    call: F,
+) -> LoadReport
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<(), E>> + Send,
+    E: std::fmt::Display,
+{
+    let warm_until = Instant::now() + shape.warmup;
+    let workers: Vec<_> = (0..shape.concurrency)
+        .map(|_| {
+            let call = call.clone();
+            tokio::spawn(async move {
+                while Instant::now() < warm_until {
+                    let _ = call().await;
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        let _ = worker.await;
+    }
+
+    let cpu_before = cpu_time(server_pids);
+    let started = Instant::now();
+    let until = started + shape.duration;
+    let workers: Vec<_> = (0..shape.concurrency)
+        .map(|_| {
+            let call = call.clone();
+            tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(4096);
+                let mut errors = 0u64;
+                let mut first_error = None;
+                while Instant::now() < until {
+                    let sent = Instant::now();
+                    match call().await {
+                        Ok(()) => latencies
+                            .push(u32::try_from(sent.elapsed().as_micros()).unwrap_or(u32::MAX)),
+                        Err(err) => {
+                            errors += 1;
+                            first_error.get_or_insert_with(|| err.to_string());
+                        }
+                    }
+                }
+                (latencies, errors, first_error)
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    for worker in workers {
+        if let Ok((mut worker_latencies, worker_errors, first_error)) = worker.await {
+            latencies.append(&mut worker_latencies);
+            errors += worker_errors;
+            if let Some(err) = first_error {
+                tracing::warn!(workload = name, error = %err, "requests failed during the benchmark");
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+    let cpu_after = cpu_time(server_pids);
+    latencies.sort_unstable();
+    let requests = latencies.len() as u64;
+    let server_cpu_per_request = match (cpu_before, cpu_after) {
+        (Some(before), Some(after)) if requests > 0 => {
+            Some(after.saturating_sub(before) / u32::try_from(requests).unwrap_or(u32::MAX))
+        }
+        _ => None,
+    };
+    LoadReport {
+        name: name.to_string(),
+        requests,
+        errors,
+        elapsed,
+        p50: percentile(&latencies, 50.0),
+        p99: percentile(&latencies, 99.0),
+        server_cpu_per_request,
+    }
+}
+
+/// The `p`th percentile of sorted microsecond latencies (nearest rank).
+pub fn percentile(sorted_micros: &[u32], p: f64) -> Duration {
+    if sorted_micros.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * sorted_micros.len() as f64).ceil() as usize;
+    let index = rank.clamp(1, sorted_micros.len()) - 1;
+    Duration::from_micros(u64::from(sorted_micros[index]))
+}
+
+/// User plus system CPU time of the given processes, from `/proc/<pid>/stat` (Linux).
+pub fn cpu_time(pids: &[u32]) -> Option<Duration> {
+    if pids.is_empty() {
+        return None;
+    }
+    // Clock ticks per second: 100 on every Linux this runs on (sysconf(_SC_CLK_TCK)).
+    const TICKS_PER_SECOND: u64 = 100;
+    let mut ticks = 0u64;
+    for pid in pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let (_, after_name) = stat.rsplit_once(')')?;
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        // After the name: state is field 3 of stat(5); utime and stime are fields 14 and 15.
+        let utime: u64 = fields.get(11)?.parse().ok()?;
+        let stime: u64 = fields.get(12)?.parse().ok()?;
+        ticks += utime + stime;
+    }
+    Some(Duration::from_millis(ticks * 1000 / TICKS_PER_SECOND))
+}
+
+/// A side-by-side table of workloads, with each one's throughput relative to the first.
+pub fn render(reports: &[LoadReport]) -> String {
+    let base = reports.first().map(LoadReport::per_second).unwrap_or(1.0);
+    let mut out = format!(
+        "{:<34} {:>10} {:>9} {:>9} {:>12} {:>7} {:>7}\n",
+        "workload", "req/s", "p50 µs", "p99 µs", "server CPU/req", "vs 1st", "errors"
+    );
+    for report in reports {
+        out.push_str(&format!(
+            "{:<34} {:>10.0} {:>9} {:>9} {:>12} {:>6.2}x {:>7}\n",
+            report.name,
+            report.per_second(),
+            report.p50.as_micros(),
+            report.p99.as_micros(),
+            report
+                .server_cpu_per_request
+                .map(|cpu| format!("{} µs", cpu.as_micros()))
+                .unwrap_or_else(|| "-".into()),
+            report.per_second() / base,
+            report.errors,
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let sorted: Vec<u32> = (1..=100).collect();
+        assert_eq!(percentile(&sorted, 50.0), Duration::from_micros(50));
+        assert_eq!(percentile(&sorted, 99.0), Duration::from_micros(99));
+        assert_eq!(percentile(&sorted, 100.0), Duration::from_micros(100));
+        assert_eq!(percentile(&[7], 99.0), Duration::from_micros(7));
+        assert_eq!(percentile(&[], 50.0), Duration::ZERO);
+    }
+
+    #[test]
+    fn cpu_time_of_this_process_is_readable_and_grows() {
+        let me = [std::process::id()];
+        let before = cpu_time(&me).expect("own /proc stat");
+        let mut x = 0u64;
+        let spin = Instant::now();
+        while spin.elapsed() < Duration::from_millis(60) {
+            x = x.wrapping_mul(31).wrapping_add(7);
+        }
+        assert!(x != 1);
+        assert!(cpu_time(&me).expect("own /proc stat") >= before);
+        assert_eq!(cpu_time(&[u32::MAX]), None);
+    }
+
+    #[tokio::test]
+    async fn counts_requests_and_errors() {
+        let shape = LoadShape {
+            concurrency: 2,
+            warmup: Duration::from_millis(10),
+            duration: Duration::from_millis(100),
+        };
+        let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let report = run("test", shape, &[], move || {
+            let counter = counter.clone();
+            async move {
+                let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                if n.is_multiple_of(2) {
+                    Ok(())
+                } else {
+                    Err("odd")
+                }
+            }
+        })
+        .await;
+        assert!(report.requests > 5, "{report:?}");
+        assert!(report.errors > 5, "{report:?}");
+        assert!(report.p50 >= Duration::from_millis(1));
+    }
+}

@@ -1,0 +1,725 @@
+//! [`GrpcBalancer`]: gRPC calls to a service by name, balanced per request over its live instances.
+//!
+//! One [`tonic::transport::Channel`] per service, built with [`Channel::balance_channel`]: every
+//! call (not every connection) picks an instance (tower's power-of-two-choices over the instances'
+//! HTTP/2 connections, each TLS-verified against the local CA as `<service>.<zone>`). A background
+//! task keeps the channel's instance set equal to what discovery lists, re-resolving the
+//! `_https._tcp.<service>.<zone>` SRV record every [`REFRESH_INTERVAL`] (the records' TTL) and on
+//! demand.
+//!
+//! [`GrpcBalancer::unary`] adds what a bare channel lacks: an overall deadline with per-attempt
+//! timeouts (sent as `grpc-timeout`), retries on `UNAVAILABLE` (the connection-level failures,
+//! where the call was not processed), and trace context. When an attempt fails with
+//! `UNAVAILABLE`, the balancer re-resolves at once and probes each instance with a TCP connect,
+//! taking those that refuse out of rotation for `endpoint_backoff_ms`, before retrying; so an
+//! instance that dies costs the calls in flight on it and no others, even while DNS still lists it.
+//!
+//! Trace context is injected explicitly per call ([`inject_trace`]) rather than by a channel-wide
+//! `Interceptor`, because it belongs to the request being served, which an interceptor cannot see.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use causeway_core::telemetry::{HistogramFamily, Metrics, latency_histogram};
+use causeway_core::topology::ClientConfig;
+use causeway_core::trace_context::TraceContext;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::time::Instant;
+use tonic::metadata::MetadataMap;
+use tonic::transport::channel::Change;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+use tonic::{Code, Status};
+
+use crate::client::ClientSettings;
+use crate::discovery::{Discovery, Endpoint, ResolveError};
+
+/// How often the instance set is re-resolved: the TTL of discovery's records.
+pub const REFRESH_INTERVAL: Duration = Duration::from_secs(1);
+/// Pending instance-set changes the channel has not yet applied (it applies them on its next call).
+const CHANGE_BUFFER: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GrpcClientError {
+    #[error("cannot read the CA certificate {path}: {source}")]
+    ReadCa {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid TLS configuration for {service}: {source}")]
+    Tls {
+        service: String,
+        source: tonic::transport::Error,
+    },
+    #[error(transparent)]
+    Discovery(#[from] ResolveError),
+    #[error("{service}: {wanted} instance(s) not discovered within {waited:?} (have {have})")]
+    NotEnoughInstances {
+        service: String,
+        wanted: usize,
+        have: usize,
+        waited: Duration,
+    },
+}
+
+/// Per-call overrides of the configured timeouts.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GrpcCallOptions {
+    /// Deadline of the whole call, retries included (default `deadline_ms`).
+    pub deadline: Option<Duration>,
+    /// Deadline of one attempt (default `attempt_timeout_ms`).
+    pub attempt_timeout: Option<Duration>,
+}
+
+/// What one attempt of a call did.
+#[derive(Clone, Debug)]
+pub struct GrpcAttempt {
+    pub code: Code,
+    pub message: String,
+    pub elapsed: Duration,
+}
+
+/// What a call did, for logs, metrics and `Server-Timing`.
+#[derive(Clone, Debug, Default)]
+pub struct GrpcCallReport {
+    pub service: String,
+    pub method: String,
+    pub attempts: Vec<GrpcAttempt>,
+    /// Instances in rotation when the call started.
+    pub instances: usize,
+    pub elapsed: Duration,
+}
+
+/// The instances in rotation, and how many refreshes (and probing refreshes) produced it.
+#[derive(Clone, Debug, Default)]
+struct Snapshot {
+    endpoints: Vec<Endpoint>,
+    refreshes: u64,
+    probes: u64,
+}
+
+struct Shared {
+    snapshot: watch::Sender<Snapshot>,
+    /// Asks the background task for a refresh that re-resolves and probes now.
+    probe: Notify,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    service: String,
+    method: String,
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabel {
+    service: String,
+}
+
+#[derive(Clone)]
+struct GrpcClientMetrics {
+    calls: Family<CallLabels, Counter>,
+    retries: Family<ServiceLabel, Counter>,
+    duration: HistogramFamily<ServiceLabel>,
+    endpoints: Family<ServiceLabel, Gauge>,
+}
+
+impl GrpcClientMetrics {
+    fn register(metrics: &mut Metrics) -> Self {
+        let this = Self {
+            calls: Family::default(),
+            retries: Family::default(),
+            duration: Family::new_with_constructor(latency_histogram),
+            endpoints: Family::default(),
+        };
+        let registry = metrics.registry_mut();
+        registry.register(
+            "grpc_client_calls",
+            "gRPC calls made through GrpcBalancer::unary, by service, method and final status code",
+            this.calls.clone(),
+        );
+        registry.register(
+            "grpc_client_retries",
+            "gRPC attempts beyond the first (after UNAVAILABLE)",
+            this.retries.clone(),
+        );
+        registry.register(
+            "grpc_client_call_duration_seconds",
+            "gRPC call latency, retries included",
+            this.duration.clone(),
+        );
+        registry.register(
+            "grpc_client_endpoints",
+            "Instances in the balanced gRPC channel's rotation",
+            this.endpoints.clone(),
+        );
+        this
+    }
+}
+
+/// A balanced gRPC channel to every live instance of one service. Dropping it stops its
+/// background task; clones of [`channel`](Self::channel) then keep the last instance set.
+pub struct GrpcBalancer {
+    service: String,
+    server_name: String,
+    channel: Channel,
+    config: ClientConfig,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+    metrics: GrpcClientMetrics,
+}
+
+impl Drop for GrpcBalancer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl std::fmt::Debug for GrpcBalancer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrpcBalancer")
+            .field("service", &self.service)
+            .field("endpoints", &self.endpoints())
+            .finish_non_exhaustive()
+    }
+}
+
+impl GrpcBalancer {
+    /// Starts balancing over the instances of `service` that the DNS server in `settings` lists,
+    /// trusting only the CA certificate at `ca_path`, and registers the `grpc_client_*` metric
+    /// families into `metrics`. Must be called within a Tokio runtime (it spawns the task that
+    /// follows discovery); the first resolution happens in the background, see
+    /// [`wait_for_endpoints`](Self::wait_for_endpoints).
+    pub fn new(
+        service: &str,
+        settings: &ClientSettings,
+        ca_path: &Path,
+        metrics: &mut Metrics,
+    ) -> Result<Self, GrpcClientError> {
+        let discovery = Discovery::new(settings.dns_addr, &settings.zone)?;
+        let server_name = discovery.host_name(service);
+        let ca = std::fs::read(ca_path).map_err(|source| GrpcClientError::ReadCa {
+            path: ca_path.to_path_buf(),
+            source,
+        })?;
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca))
+            .domain_name(server_name.clone());
+        let builder = EndpointBuilder {
+            tls,
+            connect_timeout: Duration::from_millis(settings.config.connect_timeout_ms),
+        };
+        // Fails here, not on the first discovered instance, if the CA is unusable.
+        let probe_addr = SocketAddr::from(([127, 0, 0, 1], 1));
+        builder
+            .build(probe_addr)
+            .map_err(|source| GrpcClientError::Tls {
+                service: service.to_string(),
+                source,
+            })?;
+
+        let (channel, changes) = Channel::balance_channel::<Endpoint>(CHANGE_BUFFER);
+        let shared = Arc::new(Shared {
+            snapshot: watch::Sender::new(Snapshot::default()),
+            probe: Notify::new(),
+        });
+        let metrics = GrpcClientMetrics::register(metrics);
+        let follower = Follower {
+            service: service.to_string(),
+            discovery,
+            builder,
+            changes,
+            shared: shared.clone(),
+            backoff: Duration::from_millis(settings.config.endpoint_backoff_ms),
+            endpoints_gauge: metrics
+                .endpoints
+                .get_or_create(&ServiceLabel {
+                    service: service.to_string(),
+                })
+                .clone(),
+        };
+        let task = tokio::spawn(follower.run());
+        Ok(Self {
+            service: service.to_string(),
+            server_name,
+            channel,
+            config: settings.config.clone(),
+            shared,
+            task,
+            metrics,
+        })
+    }
+
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// The name every instance's certificate is verified against, e.g. `pricing-service.internal`.
+    pub fn server_name(&self) -> &str {
+        &self.server_name
+    }
+
+    /// The balanced channel: cheap to clone; every request on it picks an instance. Use it
+    /// directly for streaming calls (with [`inject_trace`] and `Request::set_timeout`).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    /// The instances in rotation now (sorted by instance name).
+    pub fn endpoints(&self) -> Vec<Endpoint> {
+        self.shared.snapshot.borrow().endpoints.clone()
+    }
+
+    /// Re-resolves now, probing each instance, and returns once that is done.
+    pub async fn refresh(&self) {
+        let mut updates = self.shared.snapshot.subscribe();
+        let done = updates.borrow().probes;
+        self.shared.probe.notify_one();
+        let _ = updates.wait_for(|snapshot| snapshot.probes > done).await;
+    }
+
+    /// Waits until at least `count` instances are in rotation.
+    pub async fn wait_for_endpoints(
+        &self,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Endpoint>, GrpcClientError> {
+        let mut updates = self.shared.snapshot.subscribe();
+        let waited = tokio::time::timeout(
+            timeout,
+            updates.wait_for(|snapshot| snapshot.endpoints.len() >= count),
+        )
+        .await;
+        match waited {
+            Ok(Ok(snapshot)) => Ok(snapshot.endpoints.clone()),
+            _ => Err(GrpcClientError::NotEnoughInstances {
+                service: self.service.clone(),
+                wanted: count,
+                have: self.endpoints().len(),
+                waited: timeout,
+            }),
+        }
+    }
+
+    /// Makes a unary call through the balanced channel: `call` gets the channel and the request
+    /// (with `grpc-timeout` and trace context set) and performs the method, e.g.
+    /// `|channel, request| async move { PricingServiceClient::new(channel).get_price(request).await }`.
+    ///
+    /// Attempts that fail with `UNAVAILABLE` are retried (after a probing refresh, so the retry
+    /// goes to an instance that accepts connections) up to `max_attempts` within the deadline;
+    /// use it for idempotent methods. An expired deadline is `DEADLINE_EXCEEDED` whichever side
+    /// noticed it (tonic reports its own client-side timer as `CANCELLED`).
+    pub async fn unary<M, R, F, Fut>(
+        &self,
+        method: &str,
+        message: M,
+        trace: &TraceContext,
+        options: GrpcCallOptions,
+        mut call: F,
+    ) -> (Result<tonic::Response<R>, Status>, GrpcCallReport)
+    where
+        M: Clone,
+        F: FnMut(Channel, tonic::Request<M>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<R>, Status>>,
+    {
+        let started = Instant::now();
+        let deadline_after = options
+            .deadline
+            .unwrap_or(Duration::from_millis(self.config.deadline_ms));
+        let deadline = started + deadline_after;
+        let attempt_timeout = options
+            .attempt_timeout
+            .unwrap_or(Duration::from_millis(self.config.attempt_timeout_ms));
+        let mut report = GrpcCallReport {
+            service: self.service.clone(),
+            method: method.to_string(),
+            instances: self.endpoints().len(),
+            ..GrpcCallReport::default()
+        };
+        let max_attempts = self.config.max_attempts.max(1);
+        let mut attempt_number = 0;
+        let result = loop {
+            attempt_number += 1;
+            if self.endpoints().is_empty() {
+                // Nothing discovered yet (or everything refused): ask again before giving up, as
+                // a request on an empty channel would wait for the whole deadline.
+                let _ = tokio::time::timeout_at(deadline, self.refresh()).await;
+                if self.endpoints().is_empty() {
+                    break Err(Status::unavailable(format!(
+                        "no reachable instances of {} are registered",
+                        self.service
+                    )));
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break Err(Status::deadline_exceeded(format!(
+                    "{method} on {}: deadline of {deadline_after:?} passed",
+                    self.service
+                )));
+            }
+            let timeout = attempt_timeout.min(deadline - now);
+            let mut request = tonic::Request::new(message.clone());
+            request.set_timeout(timeout);
+            inject_trace(request.metadata_mut(), trace);
+            let attempt_started = Instant::now();
+            // The channel enforces `timeout` itself; this bounds a wait for a ready instance too.
+            let outcome =
+                match tokio::time::timeout(timeout, call(self.channel.clone(), request)).await {
+                    Ok(outcome) => outcome.map_err(|status| {
+                        connection_status(deadline_status(status, method, &self.service, timeout))
+                    }),
+                    Err(_) => Err(Status::deadline_exceeded(format!(
+                        "{method} on {}: no answer within {timeout:?}",
+                        self.service
+                    ))),
+                };
+            report.attempts.push(GrpcAttempt {
+                code: outcome.as_ref().map_or_else(|s| s.code(), |_| Code::Ok),
+                message: outcome
+                    .as_ref()
+                    .err()
+                    .map(|s| s.message().to_string())
+                    .unwrap_or_default(),
+                elapsed: attempt_started.elapsed(),
+            });
+            match outcome {
+                Err(status)
+                    if status.code() == Code::Unavailable
+                        && attempt_number < max_attempts
+                        && Instant::now() < deadline =>
+                {
+                    tracing::warn!(
+                        service = %self.service,
+                        method,
+                        attempt = attempt_number,
+                        error = %status.message(),
+                        "gRPC attempt unavailable; probing instances and retrying"
+                    );
+                    self.metrics
+                        .retries
+                        .get_or_create(&ServiceLabel {
+                            service: self.service.clone(),
+                        })
+                        .inc();
+                    let _ = tokio::time::timeout_at(deadline, self.refresh()).await;
+                }
+                other => break other,
+            }
+        };
+        report.elapsed = started.elapsed();
+        let code = result.as_ref().map_or_else(|s| s.code(), |_| Code::Ok);
+        self.metrics
+            .calls
+            .get_or_create(&CallLabels {
+                service: self.service.clone(),
+                method: method.to_string(),
+                code: code_name(code).to_string(),
+            })
+            .inc();
+        self.metrics
+            .duration
+            .get_or_create(&ServiceLabel {
+                service: self.service.clone(),
+            })
+            .observe(report.elapsed.as_secs_f64());
+        (result, report)
+    }
+}
+
+/// Turns tonic's client-side "timeout expired" (reported as `CANCELLED`) into `DEADLINE_EXCEEDED`,
+/// which is what it is.
+fn deadline_status(status: Status, method: &str, service: &str, timeout: Duration) -> Status {
+    if status.code() != Code::Cancelled {
+        return status;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&status);
+    let mut expired = status.message() == "Timeout expired";
+    while let Some(err) = source {
+        expired |= err.is::<tonic::TimeoutExpired>();
+        source = err.source();
+    }
+    if expired {
+        Status::deadline_exceeded(format!(
+            "{method} on {service}: no answer within {timeout:?}"
+        ))
+    } else {
+        status
+    }
+}
+
+/// Turns a broken connection into `UNAVAILABLE`, the code gRPC's specification gives it (and
+/// other languages' clients report); tonic reports a request that hyper never sent on a closed
+/// connection as `CANCELLED`, and a reset connection as `UNKNOWN`.
+fn connection_status(status: Status) -> Status {
+    if !matches!(status.code(), Code::Unknown | Code::Cancelled) {
+        return status;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&status);
+    while let Some(err) = source {
+        let broken = if let Some(hyper) = err.downcast_ref::<hyper::Error>() {
+            hyper.is_canceled() || hyper.is_closed() || hyper.is_incomplete_message()
+        } else if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            matches!(
+                io.kind(),
+                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof | NotConnected
+            )
+        } else {
+            false
+        };
+        if broken {
+            return Status::unavailable(format!("connection to the instance broke: {err}"));
+        }
+        source = err.source();
+    }
+    status
+}
+
+/// Sets `traceparent` (this hop as the parent) and `x-request-id` in outgoing gRPC metadata.
+pub fn inject_trace(metadata: &mut MetadataMap, trace: &TraceContext) {
+    let mut headers = std::mem::take(metadata).into_headers();
+    trace.inject(&mut headers);
+    *metadata = MetadataMap::from_headers(headers);
+}
+
+/// The canonical name of a status code (`OK`, `DEADLINE_EXCEEDED`, ...), as gRPC's
+/// specification and other languages' clients spell it.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// How each instance's `tonic` endpoint is configured.
+struct EndpointBuilder {
+    tls: ClientTlsConfig,
+    connect_timeout: Duration,
+}
+
+impl EndpointBuilder {
+    fn build(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
+        tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?
+            .connect_timeout(self.connect_timeout)
+            .tcp_nodelay(true)
+            // Notices a peer that vanished without closing the connection.
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .tls_config(self.tls.clone())
+    }
+}
+
+/// The background task that keeps the channel's instance set in line with discovery.
+struct Follower {
+    service: String,
+    discovery: Discovery,
+    builder: EndpointBuilder,
+    changes: mpsc::Sender<Change<Endpoint, tonic::transport::Endpoint>>,
+    shared: Arc<Shared>,
+    backoff: Duration,
+    endpoints_gauge: Gauge,
+}
+
+impl Follower {
+    async fn run(self) {
+        let mut in_rotation: HashSet<Endpoint> = HashSet::new();
+        // Instances that refused a probe, kept out of rotation until the instant given.
+        let mut resting: HashMap<Endpoint, Instant> = HashMap::new();
+        let mut first = true;
+        loop {
+            let probe = if first {
+                first = false;
+                false
+            } else {
+                tokio::select! {
+                    _ = tokio::time::sleep(REFRESH_INTERVAL) => false,
+                    _ = self.shared.probe.notified() => true,
+                }
+            };
+            if probe {
+                self.discovery.forget_service(&self.service);
+            }
+            let discovered = match self.discovery.resolve(&self.service).await {
+                Ok(resolution) => Some(resolution.endpoints),
+                Err(ResolveError::NoInstances { .. }) => Some(Vec::new()),
+                Err(err) => {
+                    // Keep balancing over what we had: better stale than nothing.
+                    tracing::warn!(service = %self.service, error = %err, "re-resolving failed");
+                    None
+                }
+            };
+            if let Some(discovered) = discovered {
+                let now = Instant::now();
+                if probe {
+                    for endpoint in self.refusing(&discovered).await {
+                        tracing::warn!(
+                            service = %self.service,
+                            instance = %endpoint.instance,
+                            addr = %endpoint.addr,
+                            backoff = ?self.backoff,
+                            "instance refuses connections; out of rotation"
+                        );
+                        resting.insert(endpoint, now + self.backoff);
+                    }
+                }
+                resting.retain(|_, until| *until > now);
+                let wanted: HashSet<Endpoint> = discovered
+                    .into_iter()
+                    .filter(|endpoint| !resting.contains_key(endpoint))
+                    .collect();
+                self.apply(&mut in_rotation, &wanted).await;
+            }
+            let mut endpoints: Vec<Endpoint> = in_rotation.iter().cloned().collect();
+            endpoints.sort_by(|a, b| a.instance.cmp(&b.instance).then(a.addr.cmp(&b.addr)));
+            self.endpoints_gauge.set(endpoints.len() as i64);
+            self.shared.snapshot.send_modify(|snapshot| {
+                snapshot.endpoints = endpoints;
+                snapshot.refreshes += 1;
+                if probe {
+                    snapshot.probes += 1;
+                }
+            });
+        }
+    }
+
+    /// Sends the channel the difference between what it balances over and what is wanted.
+    async fn apply(&self, in_rotation: &mut HashSet<Endpoint>, wanted: &HashSet<Endpoint>) {
+        let gone: Vec<Endpoint> = in_rotation.difference(wanted).cloned().collect();
+        for endpoint in gone {
+            tracing::info!(service = %self.service, instance = %endpoint.instance, addr = %endpoint.addr, "instance leaves the gRPC rotation");
+            in_rotation.remove(&endpoint);
+            if self.changes.send(Change::Remove(endpoint)).await.is_err() {
+                return;
+            }
+        }
+        let added: Vec<Endpoint> = wanted.difference(in_rotation).cloned().collect();
+        for endpoint in added {
+            let tonic_endpoint = match self.builder.build(endpoint.addr) {
+                Ok(tonic_endpoint) => tonic_endpoint,
+                Err(err) => {
+                    tracing::warn!(service = %self.service, addr = %endpoint.addr, error = %err, "unusable endpoint");
+                    continue;
+                }
+            };
+            tracing::info!(service = %self.service, instance = %endpoint.instance, addr = %endpoint.addr, "instance joins the gRPC rotation");
+            in_rotation.insert(endpoint.clone());
+            if self
+                .changes
+                .send(Change::Insert(endpoint, tonic_endpoint))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+
+    /// The endpoints that do not accept a TCP connection within the connect timeout.
+    async fn refusing(&self, endpoints: &[Endpoint]) -> Vec<Endpoint> {
+        let timeout = self.builder.connect_timeout;
+        let probes = endpoints.iter().map(|endpoint| async move {
+            let connected =
+                tokio::time::timeout(timeout, tokio::net::TcpStream::connect(endpoint.addr)).await;
+            match connected {
+                Ok(Ok(_stream)) => None,
+                _ => Some(endpoint.clone()),
+            }
+        });
+        futures_util::future::join_all(probes)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expired_client_timer_reads_as_deadline_exceeded() {
+        let status = Status::cancelled("Timeout expired");
+        let mapped = deadline_status(
+            status,
+            "GetPrice",
+            "pricing-service",
+            Duration::from_millis(5),
+        );
+        assert_eq!(mapped.code(), Code::DeadlineExceeded);
+        assert!(
+            mapped.message().contains("GetPrice"),
+            "{}",
+            mapped.message()
+        );
+
+        let other = deadline_status(
+            Status::cancelled("client went away"),
+            "GetPrice",
+            "pricing-service",
+            Duration::from_millis(5),
+        );
+        assert_eq!(other.code(), Code::Cancelled);
+    }
+
+    #[test]
+    fn broken_connections_read_as_unavailable() {
+        let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
+        let status = Status::from_error(Box::new(reset));
+        assert_eq!(status.code(), Code::Unknown, "tonic's own mapping");
+        assert_eq!(connection_status(status).code(), Code::Unavailable);
+
+        let refused = Status::invalid_argument("bad sku");
+        assert_eq!(connection_status(refused).code(), Code::InvalidArgument);
+        let other = Status::from_error(Box::new(std::io::Error::other("disk on fire")));
+        assert_eq!(connection_status(other).code(), Code::Unknown);
+    }
+
+    #[test]
+    fn trace_context_lands_in_metadata() {
+        let trace = TraceContext::continue_from(&http::HeaderMap::new());
+        let mut metadata = MetadataMap::new();
+        metadata.insert("x-other", "kept".parse().unwrap());
+        inject_trace(&mut metadata, &trace);
+        let traceparent = metadata.get("traceparent").unwrap().to_str().unwrap();
+        assert!(traceparent.contains(&trace.trace_id.to_string()));
+        assert_eq!(
+            metadata.get("x-request-id").unwrap().to_str().unwrap(),
+            trace.request_id
+        );
+        assert_eq!(metadata.get("x-other").unwrap(), "kept");
+    }
+
+    #[test]
+    fn code_names_follow_the_grpc_spec() {
+        assert_eq!(code_name(Code::Ok), "OK");
+        assert_eq!(code_name(Code::DeadlineExceeded), "DEADLINE_EXCEEDED");
+        assert_eq!(code_name(Code::Unavailable), "UNAVAILABLE");
+    }
+}

@@ -1,0 +1,35 @@
+//! Compiles `proto/` (at the workspace root) into Rust with protox, a protobuf compiler written in
+//! Rust, so building needs no `protoc` on the machine; tonic-prost-build generates the messages,
+//! the client and the server from the compiled descriptors. The encoded descriptor set is also
+//! written out for gRPC server reflection.
+
+use std::path::PathBuf;
+
+use protox::prost::Message;
+
+const PROTOS: &[&str] = &["pricing/v1/pricing.proto"];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
+    let proto_root = manifest_dir.join("../../proto");
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    println!("cargo:rerun-if-changed={}", proto_root.display());
+    for proto in PROTOS {
+        println!(
+            "cargo:rerun-if-changed={}",
+            proto_root.join(proto).display()
+        );
+    }
+
+    // `compile` includes imports and source info (comments), which reflection clients show.
+    let descriptors = protox::compile(PROTOS, [&proto_root])?;
+    std::fs::write(
+        out_dir.join("causeway_descriptor.bin"),
+        descriptors.encode_to_vec(),
+    )?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(descriptors)?;
+    Ok(())
+}
