@@ -31,12 +31,12 @@ pub struct LoadShape {
     pub duration: Duration,
 }
 
-/// Runs `call` from `shape.concurrency` workers; `server_pids` are the processes whose CPU time
-/// is charged to the workload.
+/// Runs `call` from `shape.concurrency` workers; `server_cpu` reads the CPU time used so far by
+/// whatever serves the workload, and is charged per request.
 pub async fn run<F, Fut, E>(
     name: &str,
     shape: LoadShape,
-    server_pids: &[u32],
+    server_cpu: &(dyn Fn() -> Option<Duration> + Sync),
     call: F,
 ) -> LoadReport
 where
@@ -59,7 +59,7 @@ where
         let _ = worker.await;
     }
 
-    let cpu_before = cpu_time(server_pids);
+    let cpu_before = server_cpu();
     let started = Instant::now();
     let until = started + shape.duration;
     let workers: Vec<_> = (0..shape.concurrency)
@@ -96,7 +96,7 @@ where
         }
     }
     let elapsed = started.elapsed();
-    let cpu_after = cpu_time(server_pids);
+    let cpu_after = server_cpu();
     latencies.sort_unstable();
     let requests = latencies.len() as u64;
     let server_cpu_per_request = match (cpu_before, cpu_after) {
@@ -126,24 +126,47 @@ pub fn percentile(sorted_micros: &[u32], p: f64) -> Duration {
     Duration::from_micros(u64::from(sorted_micros[index]))
 }
 
+/// Clock ticks per second: 100 on every Linux this runs on (sysconf(_SC_CLK_TCK)).
+const TICKS_PER_SECOND: u64 = 100;
+
+/// The name and user plus system CPU ticks in a `/proc/.../stat` file.
+fn stat_ticks(path: &str) -> Option<(String, u64)> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    let (before_name_end, after_name) = stat.rsplit_once(')')?;
+    let name = before_name_end.split_once('(')?.1.to_string();
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // After the name: state is field 3 of stat(5); utime and stime are fields 14 and 15.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((name, utime + stime))
+}
+
+fn ticks_to_duration(ticks: u64) -> Duration {
+    Duration::from_millis(ticks * 1000 / TICKS_PER_SECOND)
+}
+
 /// User plus system CPU time of the given processes, from `/proc/<pid>/stat` (Linux).
 pub fn cpu_time(pids: &[u32]) -> Option<Duration> {
     if pids.is_empty() {
         return None;
     }
-    // Clock ticks per second: 100 on every Linux this runs on (sysconf(_SC_CLK_TCK)).
-    const TICKS_PER_SECOND: u64 = 100;
-    let mut ticks = 0u64;
+    let mut ticks = 0;
     for pid in pids {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let (_, after_name) = stat.rsplit_once(')')?;
-        let fields: Vec<&str> = after_name.split_whitespace().collect();
-        // After the name: state is field 3 of stat(5); utime and stime are fields 14 and 15.
-        let utime: u64 = fields.get(11)?.parse().ok()?;
-        let stime: u64 = fields.get(12)?.parse().ok()?;
-        ticks += utime + stime;
+        ticks += stat_ticks(&format!("/proc/{pid}/stat"))?.1;
     }
-    Some(Duration::from_millis(ticks * 1000 / TICKS_PER_SECOND))
+    Some(ticks_to_duration(ticks))
+}
+
+/// CPU time of this process's threads whose names start with one of `prefixes`.
+pub fn thread_cpu_time(prefixes: &[&str]) -> Option<Duration> {
+    let tasks = std::fs::read_dir("/proc/self/task").ok()?;
+    let ticks = tasks
+        .filter_map(Result::ok)
+        .filter_map(|task| stat_ticks(&format!("{}/stat", task.path().display())))
+        .filter(|(name, _)| prefixes.iter().any(|prefix| name.starts_with(prefix)))
+        .map(|(_, ticks)| ticks)
+        .sum();
+    Some(ticks_to_duration(ticks))
 }
 
 /// A side-by-side table of workloads, with each one's throughput relative to the first.
@@ -197,6 +220,13 @@ mod tests {
         assert!(x != 1);
         assert!(cpu_time(&me).expect("own /proc stat") >= before);
         assert_eq!(cpu_time(&[u32::MAX]), None);
+        let main_thread = std::thread::current()
+            .name()
+            .unwrap_or_default()
+            .chars()
+            .take(15)
+            .collect::<String>();
+        assert!(thread_cpu_time(&[&main_thread]).is_some());
     }
 
     #[tokio::test]
@@ -207,7 +237,7 @@ mod tests {
             duration: Duration::from_millis(100),
         };
         let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let report = run("test", shape, &[], move || {
+        let report = run("test", shape, &|| None, move || {
             let counter = counter.clone();
             async move {
                 let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

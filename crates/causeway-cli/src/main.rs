@@ -187,8 +187,9 @@ fn run(command: Command, mut topology: Topology) -> anyhow::Result<ExitCode> {
                 duration: std::time::Duration::from_secs(seconds.max(1)),
                 warmup: std::time::Duration::from_secs(warmup),
             };
-            // Servers and callers share the machine's cores, as they would across processes.
+            // The callers get one thread; the servers another (see `bench`).
             let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
                 .enable_all()
                 .build()
                 .context("cannot start the async runtime")?;
