@@ -19,6 +19,20 @@ fn error_code(response: &causeway_cli::edge::EdgeResponse) -> String {
     json["error"].as_str().unwrap_or_default().to_string()
 }
 
+/// Runs `causeway demo <technique>`, checks it succeeded and printed every step; returns its output.
+fn demo_prints(system: &System, technique: &str, steps: &[&str]) -> String {
+    let demo = system.run(&["demo", technique]);
+    let text = String::from_utf8_lossy(&demo.stdout).to_string();
+    assert!(demo.status.success(), "{demo:?}");
+    for step in steps {
+        assert!(
+            text.contains(step),
+            "demo {technique} prints {step:?}: {text}"
+        );
+    }
+    text
+}
+
 fn served_by(response: &causeway_cli::edge::EdgeResponse) -> String {
     let json = response.json().expect("JSON body");
     json["servedBy"]["orderService"]
@@ -167,20 +181,19 @@ async fn rest_request_travels_every_hop_and_comes_back() {
     assert!(logs_with("reverse-proxy-1", &request_id) || logs_with("reverse-proxy-2", &request_id));
 
     // The demo performs a real request and prints the seven steps with latencies.
-    let demo = system.run(&["demo", "rest"]);
-    let text = String::from_utf8_lossy(&demo.stdout);
-    assert!(demo.status.success(), "{demo:?}");
-    for step in [
-        " 1. DNS lookup",
-        " 2. HTTP request",
-        " 3. Reverse proxy",
-        " 4. Load balancer",
-        " 5. Order Service",
-        " 6. HTTP response",
-        " 7. User Service",
-    ] {
-        assert!(text.contains(step), "demo prints {step:?}: {text}");
-    }
+    let text = demo_prints(
+        &system,
+        "rest",
+        &[
+            " 1. DNS lookup",
+            " 2. HTTP request",
+            " 3. Reverse proxy",
+            " 4. Load balancer",
+            " 5. Order Service",
+            " 6. HTTP response",
+            " 7. User Service",
+        ],
+    );
     assert!(
         text.contains("order-service.internal A -> 127.0.0.1"),
         "{text}"
@@ -699,20 +712,19 @@ async fn grpc_works_through_the_edge_and_behind_inventory() {
     }
     assert_eq!(answers, vec![false, true]);
 
-    let demo = system.run(&["demo", "grpc"]);
-    let text = String::from_utf8_lossy(&demo.stdout);
-    assert!(demo.status.success(), "{demo:?}");
-    for step in [
-        " 1. gRPC client stub",
-        " 2. Method call",
-        " 3. Protobuf serialization",
-        " 4. gRPC server",
-        " 5. Response",
-        " 6. Secure communication",
-        "through the edge",
-    ] {
-        assert!(text.contains(step), "demo prints {step:?}: {text}");
-    }
+    let text = demo_prints(
+        &system,
+        "grpc",
+        &[
+            " 1. gRPC client stub",
+            " 2. Method call",
+            " 3. Protobuf serialization",
+            " 4. gRPC server",
+            " 5. Response",
+            " 6. Secure communication",
+            "through the edge",
+        ],
+    );
     assert!(
         text.contains("0a 08 53 4b 55 2d 30 30 30 31"),
         "the encoded request: {text}"

@@ -276,6 +276,27 @@ fn balancer(
     GrpcBalancer::new(service, &settings, ca, &mut metrics).expect("balancer")
 }
 
+/// Discovery with two Pricing instances registered, and a balancer following them.
+async fn two_registered_instances(
+    dir: &Path,
+    pki: &Pki,
+) -> (DiscoveryHandle, Vec<PricingInstance>, Arc<GrpcBalancer>) {
+    let discovery = start_discovery().await;
+    let mut instances = Vec::new();
+    for index in 0..2 {
+        let instance = PricingInstance::start(dir, pki, index).await;
+        register(&discovery, "pricing-service", &instance.name, instance.addr).await;
+        instances.push(instance);
+    }
+    let balancer = Arc::new(balancer(
+        &discovery,
+        "pricing-service",
+        &pki.ca,
+        ClientConfig::default(),
+    ));
+    (discovery, instances, balancer)
+}
+
 fn parent_trace() -> TraceContext {
     let mut headers = HeaderMap::new();
     headers.insert("traceparent", PARENT.parse().expect("header"));
@@ -886,19 +907,7 @@ async fn health_reflection_and_graceful_shutdown() {
 async fn balanced_channel_spreads_calls_honours_deadlines_and_survives_a_crash() {
     let dir = TestDir::new("balance");
     let pki = pki(&dir.0);
-    let discovery = start_discovery().await;
-    let mut instances = Vec::new();
-    for index in 0..2 {
-        let instance = PricingInstance::start(&dir.0, &pki, index).await;
-        register(&discovery, "pricing-service", &instance.name, instance.addr).await;
-        instances.push(instance);
-    }
-    let balancer = Arc::new(balancer(
-        &discovery,
-        "pricing-service",
-        &pki.ca,
-        ClientConfig::default(),
-    ));
+    let (_discovery, mut instances, balancer) = two_registered_instances(&dir.0, &pki).await;
     let endpoints = balancer
         .wait_for_endpoints(2, Duration::from_secs(10))
         .await
@@ -1145,19 +1154,7 @@ fn inventory_deps(dir: &Path) -> ServiceDeps {
 async fn inventory_combines_stock_with_the_grpc_price() {
     let dir = TestDir::new("inventory");
     let pki = pki(&dir.0);
-    let discovery = start_discovery().await;
-    let mut instances = Vec::new();
-    for index in 0..2 {
-        let instance = PricingInstance::start(&dir.0, &pki, index).await;
-        register(&discovery, "pricing-service", &instance.name, instance.addr).await;
-        instances.push(instance);
-    }
-    let balancer = Arc::new(balancer(
-        &discovery,
-        "pricing-service",
-        &pki.ca,
-        ClientConfig::default(),
-    ));
+    let (_discovery, _instances, balancer) = two_registered_instances(&dir.0, &pki).await;
     balancer
         .wait_for_endpoints(2, Duration::from_secs(10))
         .await
