@@ -69,21 +69,18 @@ async fn run() -> anyhow::Result<()> {
         }
         Role::UserService => {
             let client = Arc::new(service_client(&launch, &mut metrics)?);
-            let deps = service_deps(&launch, &mut metrics);
+            let deps = service_deps(&launch, metrics.http_server());
             let app = causeway_services::user::app(&deps, client).await?;
             start_http_service(&launch, metrics, app, shutdown).await?
         }
         Role::OrderService => {
-            let deps = service_deps(&launch, &mut metrics);
+            let deps = service_deps(&launch, metrics.http_server());
             let app = causeway_services::order::app(&deps).await?;
             start_http_service(&launch, metrics, app, shutdown).await?
         }
         Role::PricingService => {
             // A gRPC server: its metrics are per method and status code, not HTTP routes.
-            let deps = ServiceDeps {
-                http_metrics: HttpMetrics::default(),
-                ..service_deps(&launch, &mut Metrics::new("unused", "unused"))
-            };
+            let deps = service_deps(&launch, HttpMetrics::default());
             let app = causeway_services::pricing::app(&deps).await?;
             app.register_metrics(&mut metrics);
             start_pricing(&launch, metrics, app, shutdown).await?
@@ -96,7 +93,7 @@ async fn run() -> anyhow::Result<()> {
                 &launch.data().ca_cert(),
                 &mut metrics,
             )?;
-            let deps = service_deps(&launch, &mut metrics);
+            let deps = service_deps(&launch, metrics.http_server());
             let app = causeway_services::inventory::app(&deps, Arc::new(pricing)).await?;
             start_http_service(&launch, metrics, app, shutdown).await?
         }
@@ -135,7 +132,7 @@ fn service_client(launch: &Launch, metrics: &mut Metrics) -> anyhow::Result<Serv
     )?)
 }
 
-fn service_deps(launch: &Launch, metrics: &mut Metrics) -> ServiceDeps {
+fn service_deps(launch: &Launch, http_metrics: HttpMetrics) -> ServiceDeps {
     let config = launch
         .topology
         .service(launch.role)
@@ -145,7 +142,7 @@ fn service_deps(launch: &Launch, metrics: &mut Metrics) -> ServiceDeps {
         instance: launch.instance(),
         database_url: config.database_url.clone(),
         default_sqlite_path: launch.data().database(launch.role.name()),
-        http_metrics: metrics.http_server(),
+        http_metrics,
     }
 }
 
