@@ -85,6 +85,22 @@ pub async fn observe(
     response
 }
 
+/// What every service's API ends with: a JSON 404 for unknown paths, its state, and the
+/// [`observe`] middleware (trace context, request log line, metrics).
+pub fn service_api<S: Clone + Send + Sync + 'static>(
+    routes: axum::Router<S>,
+    state: S,
+    metrics: &HttpMetrics,
+) -> axum::Router {
+    routes
+        .fallback(not_found)
+        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(
+            metrics.clone(),
+            observe,
+        ))
+}
+
 /// The answer for paths no route matches.
 pub async fn not_found(request: Request) -> ApiError {
     ApiError::new(

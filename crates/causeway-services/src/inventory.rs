@@ -27,7 +27,7 @@ use sqlx::Row;
 use tonic::Code;
 
 use crate::db::{self, Database};
-use crate::http::{ApiError, not_found, observe};
+use crate::http::{ApiError, service_api};
 use crate::{ServiceDeps, ServiceError};
 
 /// `Server-Timing` entry names Inventory Service reports.
@@ -97,14 +97,8 @@ pub async fn app(deps: &ServiceDeps, pricing: Arc<GrpcBalancer>) -> Result<Route
         db,
         pricing,
     };
-    Ok(Router::new()
-        .route("/inventory/{sku}", get(get_item))
-        .fallback(not_found)
-        .with_state(state)
-        .layer(axum::middleware::from_fn_with_state(
-            deps.http_metrics.clone(),
-            observe,
-        )))
+    let routes = Router::new().route("/inventory/{sku}", get(get_item));
+    Ok(service_api(routes, state, &deps.http_metrics))
 }
 
 async fn load_stock(

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
 use crate::db::{self, Database};
-use crate::http::{ApiError, not_found, observe};
+use crate::http::{ApiError, service_api};
 use crate::{ServiceDeps, ServiceError};
 
 /// One order as the API shows it (the reference's `[{ orderId: 1, item: "Book" }]`).
@@ -63,14 +63,8 @@ pub async fn app(deps: &ServiceDeps) -> Result<Router, ServiceError> {
         instance: deps.instance.clone(),
         db,
     };
-    Ok(Router::new()
-        .route("/orders", get(list_orders))
-        .fallback(not_found)
-        .with_state(state)
-        .layer(axum::middleware::from_fn_with_state(
-            deps.http_metrics.clone(),
-            observe,
-        )))
+    let routes = Router::new().route("/orders", get(list_orders));
+    Ok(service_api(routes, state, &deps.http_metrics))
 }
 
 async fn list_orders(

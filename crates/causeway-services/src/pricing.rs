@@ -959,29 +959,18 @@ impl PricingService for Pricing {
                 return Err(status);
             }
         };
-        let headers = call.response_headers();
-        let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
+        let skus = request.skus.len();
         let this = self.clone();
-        tokio::spawn(async move {
-            let skus = request.skus.len();
-            match this
-                .stream_rounds(lists, request, call.deadline, &sender)
-                .await
-            {
-                Ok(sent) => call.finish(Code::Ok, &format!("{sent} updates of {skus} SKUs")),
-                Err(status) if status.code() == Code::Cancelled => {
-                    call.finish(Code::Cancelled, "the caller cancelled the stream; stopped")
-                }
-                Err(status) => {
-                    call.finish(status.code(), status.message());
-                    let _ = sender.send(Err(status)).await;
-                }
-            }
-        });
-        Ok(Response::from_parts(
-            MetadataMap::from_headers(headers),
-            ReceiverStream::new(receiver),
-            Default::default(),
+        let deadline = call.deadline;
+        Ok(stream_in_background(
+            call,
+            "the caller cancelled the stream; stopped",
+            move |sender| async move {
+                let sent = this
+                    .stream_rounds(lists, request, deadline, &sender)
+                    .await?;
+                Ok(format!("{sent} updates of {skus} SKUs"))
+            },
         ))
     }
 
@@ -1002,27 +991,50 @@ impl PricingService for Pricing {
     ) -> Result<Response<Self::LivePricingStream>, Status> {
         let (metadata, _, offers) = request.into_parts();
         let call = Call::begin(&self.inner, "LivePricing", &metadata, true);
-        let headers = call.response_headers();
-        let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
         let this = self.clone();
-        tokio::spawn(async move {
-            match this.negotiate(offers, call.deadline, &sender).await {
-                Ok(offers) => call.finish(Code::Ok, &format!("{offers} offers answered")),
-                Err(status) if status.code() == Code::Cancelled => {
-                    call.finish(Code::Cancelled, "the caller cancelled the session; stopped")
-                }
-                Err(status) => {
-                    call.finish(status.code(), status.message());
-                    let _ = sender.send(Err(status)).await;
-                }
-            }
-        });
-        Ok(Response::from_parts(
-            MetadataMap::from_headers(headers),
-            ReceiverStream::new(receiver),
-            Default::default(),
+        let deadline = call.deadline;
+        Ok(stream_in_background(
+            call,
+            "the caller cancelled the session; stopped",
+            move |sender| async move {
+                let answered = this.negotiate(offers, deadline, &sender).await?;
+                Ok(format!("{answered} offers answered"))
+            },
         ))
     }
+}
+
+/// Answers a streaming call: `work` runs in a task of its own, sending the stream's messages,
+/// and the call is recorded as it ends; a failure also reaches the caller as the stream's end.
+fn stream_in_background<T, F, Fut>(
+    call: Call,
+    cancelled: &'static str,
+    work: F,
+) -> Response<ReceiverStream<Result<T, Status>>>
+where
+    T: Send + 'static,
+    F: FnOnce(mpsc::Sender<Result<T, Status>>) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<String, Status>> + Send + 'static,
+{
+    let headers = call.response_headers();
+    let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
+    tokio::spawn(async move {
+        match work(sender.clone()).await {
+            Ok(detail) => call.finish(Code::Ok, &detail),
+            Err(status) if status.code() == Code::Cancelled => {
+                call.finish(Code::Cancelled, cancelled)
+            }
+            Err(status) => {
+                call.finish(status.code(), status.message());
+                let _ = sender.send(Err(status)).await;
+            }
+        }
+    });
+    Response::from_parts(
+        MetadataMap::from_headers(headers),
+        ReceiverStream::new(receiver),
+        Default::default(),
+    )
 }
 
 #[cfg(test)]

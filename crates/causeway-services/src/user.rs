@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
 use crate::db::{self, Database};
-use crate::http::{ApiError, not_found, observe};
+use crate::http::{ApiError, service_api};
 use crate::order::Order;
 use crate::{ServiceDeps, ServiceError};
 
@@ -79,15 +79,10 @@ pub async fn app(deps: &ServiceDeps, client: Arc<ServiceClient>) -> Result<Route
         db,
         client,
     };
-    Ok(Router::new()
+    let routes = Router::new()
         .route("/users/{id}", get(get_user))
-        .route("/users/{id}/orders", get(get_user_orders))
-        .fallback(not_found)
-        .with_state(state)
-        .layer(axum::middleware::from_fn_with_state(
-            deps.http_metrics.clone(),
-            observe,
-        )))
+        .route("/users/{id}/orders", get(get_user_orders));
+    Ok(service_api(routes, state, &deps.http_metrics))
 }
 
 fn parse_user_id(raw: &str, trace: &TraceContext) -> Result<i64, ApiError> {
