@@ -13,7 +13,7 @@ use causeway_client::{ClientSettings, Discovery, ServiceClient, registration};
 use causeway_core::registry_api::InstanceRecord;
 use causeway_core::serve::{self, Shutdown, ShutdownTrigger, bind, serve_admin, shutdown_channel};
 use causeway_core::telemetry::{HttpMetrics, Metrics};
-use causeway_core::topology::instance_addr;
+use causeway_core::topology::{ServiceConfig, instance_addr};
 use causeway_core::{ChildReport, Launch, Role};
 use causeway_discovery::{DiscoveryServer, Registry};
 use causeway_proxy::{Balancer, Gateway};
@@ -132,15 +132,19 @@ fn service_client(launch: &Launch, metrics: &mut Metrics) -> anyhow::Result<Serv
     )?)
 }
 
-fn service_deps(launch: &Launch, http_metrics: HttpMetrics) -> ServiceDeps {
-    let config = launch
+/// The configuration of this instance's service (the roles that call this are all services).
+fn service_config(launch: &Launch) -> ServiceConfig {
+    launch
         .topology
         .service(launch.role)
         .cloned()
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+fn service_deps(launch: &Launch, http_metrics: HttpMetrics) -> ServiceDeps {
     ServiceDeps {
         instance: launch.instance(),
-        database_url: config.database_url.clone(),
+        database_url: service_config(launch).database_url,
         default_sqlite_path: launch.data().database(launch.role.name()),
         http_metrics,
     }
@@ -160,6 +164,14 @@ async fn bind_listeners(
     )
     .await?;
     Ok((main, admin))
+}
+
+/// The main and admin listeners of a service instance, as its configuration places them.
+async fn bind_service_listeners(
+    launch: &Launch,
+) -> anyhow::Result<(tokio::net::TcpListener, tokio::net::TcpListener)> {
+    let config = service_config(launch);
+    bind_listeners(launch, config.listen, config.admin_listen).await
 }
 
 /// Registers with discovery, reports ready, and starts the admin endpoint.
@@ -297,12 +309,7 @@ async fn start_pricing(
     app: causeway_services::pricing::PricingApp,
     shutdown: Shutdown,
 ) -> anyhow::Result<Vec<JoinHandle<()>>> {
-    let config = launch
-        .topology
-        .service(launch.role)
-        .cloned()
-        .unwrap_or_default();
-    let (listener, admin) = bind_listeners(launch, config.listen, config.admin_listen).await?;
+    let (listener, admin) = bind_service_listeners(launch).await?;
     let listen = listener.local_addr()?;
     let certificate = launch.data().service_cert(launch.role.name());
     let mut tasks = announce(launch, listen, admin, metrics, &shutdown).await?;
@@ -324,12 +331,7 @@ async fn start_http_service(
     app: axum::Router,
     shutdown: Shutdown,
 ) -> anyhow::Result<Vec<JoinHandle<()>>> {
-    let config = launch
-        .topology
-        .service(launch.role)
-        .cloned()
-        .unwrap_or_default();
-    let (listener, admin) = bind_listeners(launch, config.listen, config.admin_listen).await?;
+    let (listener, admin) = bind_service_listeners(launch).await?;
     let listen = listener.local_addr()?;
     let tls = tls_acceptor(launch)?;
     let mut tasks = announce(launch, listen, admin, metrics, &shutdown).await?;
