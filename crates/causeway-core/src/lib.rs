@@ -1,10 +1,11 @@
 //! Causeway's shared foundations, used by every component process: the typed topology
 //! configuration (`causeway.toml`), the supervisor-to-component launch contract, the local
 //! certificate authority and rustls configurations, structured logging and Prometheus metrics,
-//! W3C trace context, `Server-Timing` hop reports, the registry's wire types, and the HTTP serving
+//! W3C trace context, `Server-Timing` hop reports, the registry's wire types, queue names and policies, and the HTTP serving
 //! loop with graceful shutdown and the admin endpoint.
 
 pub mod launch;
+pub mod queue_policy;
 pub mod registry_api;
 pub mod serve;
 pub mod server_timing;

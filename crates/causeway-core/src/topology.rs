@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::queue_policy::{QueuePolicy, QueueSpec, validate_queue_name};
 use crate::registry_api::is_dns_label;
 
 /// The file `causeway` reads when no `--config` is given and one exists in the working directory.
@@ -39,16 +40,22 @@ pub enum Role {
     OrderService,
     PricingService,
     InventoryService,
+    Broker,
+    EmailService,
+    NotificationService,
 }
 
 impl Role {
     /// In start order: discovery first (everyone registers with it), the edge last.
-    pub const ALL: [Role; 7] = [
+    pub const ALL: [Role; 10] = [
         Role::Discovery,
+        Role::Broker,
         Role::OrderService,
         Role::PricingService,
         Role::UserService,
         Role::InventoryService,
+        Role::NotificationService,
+        Role::EmailService,
         Role::ReverseProxy,
         Role::LoadBalancer,
     ];
@@ -63,6 +70,9 @@ impl Role {
             Role::OrderService => "order-service",
             Role::PricingService => "pricing-service",
             Role::InventoryService => "inventory-service",
+            Role::Broker => "broker",
+            Role::EmailService => "email-service",
+            Role::NotificationService => "notification-service",
         }
     }
 
@@ -96,6 +106,13 @@ pub struct Topology {
     /// gRPC `pricing.v1.PricingService`.
     pub pricing_service: ServiceConfig,
     pub inventory_service: ServiceConfig,
+    /// Publishes to `messaging.notification_queue`.
+    pub email_service: ServiceConfig,
+    /// Consumes `messaging.notification_queue`.
+    pub notification_service: ServiceConfig,
+    /// Causeway's embedded broker (runs unless `messaging.broker_url` names another broker).
+    pub broker: BrokerConfig,
+    pub messaging: MessagingConfig,
     pub client: ClientConfig,
 }
 
@@ -110,6 +127,10 @@ impl Default for Topology {
             order_service: ServiceConfig::with_instances(3),
             pricing_service: ServiceConfig::with_instances(2),
             inventory_service: ServiceConfig::with_instances(1),
+            email_service: ServiceConfig::with_instances(1),
+            notification_service: ServiceConfig::with_instances(1),
+            broker: BrokerConfig::default(),
+            messaging: MessagingConfig::default(),
             client: ClientConfig::default(),
         }
     }
@@ -220,6 +241,18 @@ impl Default for ReverseProxyConfig {
                     strip_prefix: Some("/api".into()),
                     auth: true,
                 },
+                RouteConfig {
+                    prefix: "/api/emails".into(),
+                    service: Role::EmailService.name().into(),
+                    strip_prefix: Some("/api".into()),
+                    auth: true,
+                },
+                RouteConfig {
+                    prefix: "/api/notifications".into(),
+                    service: Role::NotificationService.name().into(),
+                    strip_prefix: Some("/api".into()),
+                    auth: true,
+                },
                 // gRPC through the edge: HTTP/2 end to end, streamed, trailers intact.
                 RouteConfig {
                     prefix: "/pricing.v1.PricingService/".into(),
@@ -317,6 +350,54 @@ impl Default for ServiceConfig {
     }
 }
 
+/// Causeway's embedded message broker: durable queues on disk behind a gRPC streaming API over TLS.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// The broker API (gRPC over TLS).
+    pub listen: SocketAddr,
+    /// `/metrics` and `/healthz`.
+    pub admin_listen: SocketAddr,
+    /// Flush every commit to stable storage before confirming (turn off only for experiments:
+    /// confirmed messages may then be lost in a power failure, though not in a process crash).
+    pub fsync: bool,
+    /// Most operations written in one commit; concurrent publishes and acks share commits.
+    pub max_batch: usize,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            listen: ([127, 0, 0, 1], 5390).into(),
+            admin_listen: ([127, 0, 0, 1], 0).into(),
+            fsync: true,
+            max_batch: 1024,
+        }
+    }
+}
+
+/// The queue scenario: which broker the services use and the queue they share.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MessagingConfig {
+    /// `amqp://...` (RabbitMQ), `mqtt://...` (Mosquitto) or `causeway://host:port`; unset: the
+    /// embedded broker that `causeway up` starts at `broker.listen`.
+    pub broker_url: Option<String>,
+    /// Most unacked deliveries a consumer holds at once.
+    pub prefetch: u16,
+    pub notification_queue: QueueSpec,
+}
+
+impl Default for MessagingConfig {
+    fn default() -> Self {
+        Self {
+            broker_url: None,
+            prefetch: 32,
+            notification_queue: QueueSpec::new("notification-queue", QueuePolicy::default()),
+        }
+    }
+}
+
 /// Defaults of the shared client library.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -391,6 +472,9 @@ impl Topology {
             Role::OrderService => self.order_service.instances,
             Role::PricingService => self.pricing_service.instances,
             Role::InventoryService => self.inventory_service.instances,
+            Role::EmailService => self.email_service.instances,
+            Role::NotificationService => self.notification_service.instances,
+            Role::Broker => usize::from(self.messaging.broker_url.is_none()),
         }
     }
 
@@ -401,7 +485,9 @@ impl Topology {
             Role::OrderService => Some(&self.order_service),
             Role::PricingService => Some(&self.pricing_service),
             Role::InventoryService => Some(&self.inventory_service),
-            Role::Discovery | Role::LoadBalancer | Role::ReverseProxy => None,
+            Role::EmailService => Some(&self.email_service),
+            Role::NotificationService => Some(&self.notification_service),
+            Role::Discovery | Role::LoadBalancer | Role::ReverseProxy | Role::Broker => None,
         }
     }
 
@@ -413,6 +499,8 @@ impl Topology {
             Role::OrderService,
             Role::PricingService,
             Role::InventoryService,
+            Role::EmailService,
+            Role::NotificationService,
         ] {
             let count = self.instances(role);
             if !(1..=64).contains(&count) {
@@ -463,6 +551,19 @@ impl Topology {
                     route.prefix
                 ));
             }
+        }
+        let queue = &self.messaging.notification_queue;
+        if let Err(err) = validate_queue_name(&queue.name) {
+            return invalid(format!("messaging.notification_queue: {err}"));
+        }
+        if let Err(err) = queue.policy.validate() {
+            return invalid(format!("messaging.notification_queue.policy: {err}"));
+        }
+        if self.messaging.prefetch == 0 {
+            return invalid("messaging.prefetch must be at least 1".into());
+        }
+        if self.broker.max_batch == 0 {
+            return invalid("broker.max_batch must be at least 1".into());
         }
         if self.client.max_attempts == 0 {
             return invalid("client.max_attempts must be at least 1".into());
