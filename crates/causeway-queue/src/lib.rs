@@ -168,6 +168,12 @@ pub async fn connect(
     target: &BrokerTarget,
     options: &ConnectOptions,
 ) -> Result<Arc<dyn QueueBackend>, QueueError> {
-    let _ = (target, options);
-    todo!("backends")
+    let backend: Arc<dyn QueueBackend> = match target {
+        BrokerTarget::Embedded { .. } => {
+            Arc::new(embedded::EmbeddedBackend::connect(target, options).await?)
+        }
+        BrokerTarget::Amqp { .. } => Arc::new(amqp::AmqpBackend::connect(target, options).await?),
+        BrokerTarget::Mqtt { .. } => Arc::new(mqtt::MqttBackend::connect(target, options).await?),
+    };
+    Ok(backend)
 }

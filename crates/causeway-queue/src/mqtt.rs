@@ -1,18 +1,63 @@
-//! Work in progress: the mqtt backend.
+//! Work in progress: the mqtt backend (every operation answers Unsupported until it is built).
 
-use crate::{BackendKind, BrokerTarget, ConnectOptions, QueueError};
+use async_trait::async_trait;
+
+use crate::{
+    BackendKind, BrokerTarget, Confirmation, ConnectOptions, DeliveryStream, OutgoingMessage,
+    PeekedMessage, QueueBackend, QueueError, QueueInfo, QueueSpec,
+};
 
 pub struct MqttBackend;
+
+fn unsupported(operation: &'static str) -> QueueError {
+    QueueError::Unsupported {
+        backend: BackendKind::Mqtt,
+        operation,
+        why: "not built yet",
+    }
+}
 
 impl MqttBackend {
     pub async fn connect(
         _target: &BrokerTarget,
         _options: &ConnectOptions,
     ) -> Result<Self, QueueError> {
-        Err(QueueError::Unsupported {
-            backend: BackendKind::Mqtt,
-            operation: "connect",
-            why: "not built yet",
-        })
+        Err(unsupported("connect"))
+    }
+}
+
+#[async_trait]
+impl QueueBackend for MqttBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Mqtt
+    }
+    async fn declare(&self, _spec: &QueueSpec) -> Result<(), QueueError> {
+        Err(unsupported("declare"))
+    }
+    async fn publish_validated(
+        &self,
+        _spec: &QueueSpec,
+        _message: OutgoingMessage,
+    ) -> Result<Confirmation, QueueError> {
+        Err(unsupported("publish"))
+    }
+    async fn open_stream(
+        &self,
+        _spec: &QueueSpec,
+        _prefetch: u16,
+    ) -> Result<Box<dyn DeliveryStream>, QueueError> {
+        Err(unsupported("subscribe"))
+    }
+    async fn list(&self, _known: &[QueueSpec]) -> Result<Vec<QueueInfo>, QueueError> {
+        Err(unsupported("list"))
+    }
+    async fn peek(&self, _queue: &str, _limit: usize) -> Result<Vec<PeekedMessage>, QueueError> {
+        Err(unsupported("peek"))
+    }
+    async fn redrive(&self, _spec: &QueueSpec, _limit: Option<u64>) -> Result<u64, QueueError> {
+        Err(unsupported("redrive"))
+    }
+    async fn delete(&self, _spec: &QueueSpec) -> Result<(), QueueError> {
+        Err(unsupported("delete"))
     }
 }
