@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use protox::prost::Message;
 
-const PROTOS: &[&str] = &["pricing/v1/pricing.proto"];
+const PROTOS: &[&str] = &["pricing/v1/pricing.proto", "broker/v1/broker.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
@@ -30,6 +30,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Payloads are handed between the broker's index, its store and its streams without copies.
+        .bytes(".causeway.broker.v1")
         .compile_fds(descriptors)?;
     Ok(())
 }

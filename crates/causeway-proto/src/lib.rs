@@ -11,6 +11,13 @@ pub mod pricing {
     }
 }
 
+/// `package causeway.broker.v1;` from `proto/broker/v1/broker.proto`: the embedded message broker.
+pub mod broker {
+    pub mod v1 {
+        tonic::include_proto!("causeway.broker.v1");
+    }
+}
+
 /// The encoded `google.protobuf.FileDescriptorSet` of every `.proto` compiled here (with their
 /// imports and comments), for `tonic_reflection::server::Builder::register_encoded_file_descriptor_set`.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
