@@ -193,4 +193,9 @@ pub mod steps {
     pub const ORDER_SERVICE: &str = "order-service";
     pub const USER_DB: &str = "user-db";
     pub const USER_SERVICE: &str = "user-service";
+    /// Email Service's transaction: the email row and its outbox row.
+    pub const EMAIL_DB: &str = "email-db";
+    /// Publishing to the queue, until the broker confirmed the message durable.
+    pub const QUEUE_PUBLISH: &str = "queue-publish";
+    pub const EMAIL_SERVICE: &str = "email-service";
 }

@@ -49,3 +49,16 @@ pub enum QueueError {
         message: String,
     },
 }
+
+impl QueueError {
+    /// Whether the connection to the broker is the problem (reconnecting may help), as opposed
+    /// to the request (which would fail again).
+    pub fn is_connection_problem(&self) -> bool {
+        matches!(
+            self,
+            QueueError::Connect { .. }
+                | QueueError::Disconnected { .. }
+                | QueueError::ConfirmTimeout { .. }
+        )
+    }
+}

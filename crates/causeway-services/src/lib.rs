@@ -2,12 +2,17 @@
 //! its own database (SQLite in the data dir by default, PostgreSQL when `database_url` says so):
 //! Order Service answers `GET /orders?userId=`, and User Service answers
 //! `GET /users/{id}/orders` by reading the user from its own database and fetching the orders
-//! from Order Service through the shared client library. Process start-up (listeners, TLS,
-//! registration) is the caller's; this crate owns the HTTP APIs and their data.
+//! from Order Service through the shared client library. Pricing Service serves gRPC, which
+//! Inventory Service calls. Email Service publishes to the notification queue (through a
+//! transactional outbox) and Notification Service consumes it, acking after its write commits.
+//! Process start-up (listeners, TLS, registration) is the caller's; this crate owns the HTTP APIs
+//! and their data.
 
 pub mod db;
+pub mod email;
 pub mod http;
 pub mod inventory;
+pub mod notification;
 pub mod order;
 pub mod pricing;
 pub mod user;
