@@ -15,9 +15,11 @@
 pub mod amqp;
 pub mod embedded;
 mod error;
+mod link;
 mod message;
 pub mod mqtt;
 mod target;
+mod wire_headers;
 
 use std::sync::Arc;
 
@@ -28,6 +30,7 @@ pub use causeway_core::queue_policy::{
     validate_queue_name,
 };
 pub use error::QueueError;
+pub use link::{BrokerLink, ResolveBroker};
 pub use message::{
     Delivery, OutgoingMessage, PeekedMessage, Settle, SettleOutcome, headers, new_message_id,
     now_millis,
