@@ -46,6 +46,8 @@ pub struct Notification {
     pub attempt: i64,
     /// Milliseconds from the publisher's send to this consumer's commit.
     pub latency_ms: Option<i64>,
+    /// Milliseconds this consumer spent on it, from delivery to commit.
+    pub processing_ms: i64,
 }
 
 const SCHEMA: &[&str] = &[
@@ -56,10 +58,34 @@ const SCHEMA: &[&str] = &[
         text TEXT NOT NULL,
         attempt BIGINT NOT NULL,
         latency_ms BIGINT,
+        processing_ms BIGINT NOT NULL,
         stored_at BIGINT NOT NULL
     )",
     "CREATE INDEX IF NOT EXISTS notifications_by_user ON notifications (user_id)",
+    // Every delivery that was not processed, and what became of it: the service's own record of
+    // retries, which `causeway demo queue` shows.
+    "CREATE TABLE IF NOT EXISTS notification_failures (
+        message_id TEXT NOT NULL,
+        attempt BIGINT NOT NULL,
+        failed_at BIGINT NOT NULL,
+        reason TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        PRIMARY KEY (message_id, attempt)
+    )",
 ];
+
+/// A delivery that failed, as `GET /notifications/failures?messageId=` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FailedDelivery {
+    pub message_id: String,
+    pub attempt: i64,
+    /// Milliseconds since the Unix epoch.
+    pub failed_at: i64,
+    pub reason: String,
+    /// `retry in N ms`, `dead-lettered` or `rejected`.
+    pub outcome: String,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
@@ -138,7 +164,9 @@ pub async fn app(
         metrics,
     };
     tokio::spawn(consumer.run(shutdown));
-    let routes = Router::new().route("/notifications", get(list_notifications));
+    let routes = Router::new()
+        .route("/notifications", get(list_notifications))
+        .route("/notifications/failures", get(list_failures));
     Ok(service_api(routes, state, &deps.http_metrics))
 }
 
@@ -221,7 +249,11 @@ impl Consumer {
         let message_id = delivery.message_id.clone();
         let attempt = delivery.attempt;
         let started = Instant::now();
-        let processed = self.process(&delivery).await;
+        let processed = self.process(&delivery, started).await;
+        let failure_reason = match &processed {
+            Err(Failure::Transient(reason) | Failure::Permanent(reason)) => Some(reason.clone()),
+            Ok(_) => None,
+        };
         let settled = match processed {
             Ok(stored) => {
                 let outcome = if stored { "acked" } else { "duplicate" };
@@ -251,6 +283,18 @@ impl Consumer {
                 delivery.reject(&reason).await.map(|()| None)
             }
         };
+        if let Some(reason) = &failure_reason {
+            let outcome = match &settled {
+                Ok(Some(SettleOutcome::RetryScheduled { after, .. })) => {
+                    format!("retry in {} ms", after.as_millis())
+                }
+                Ok(Some(SettleOutcome::DeadLettered { .. })) => "dead-lettered".into(),
+                Ok(None) => "rejected".into(),
+                Err(err) => format!("not settled: {err}"),
+            };
+            self.record_failure(&message_id, attempt, reason, &outcome)
+                .await;
+        }
         match settled {
             Ok(Some(SettleOutcome::RetryScheduled {
                 after,
@@ -288,8 +332,26 @@ impl Consumer {
         }
     }
 
+    async fn record_failure(&self, message_id: &str, attempt: u32, reason: &str, outcome: &str) {
+        let recorded = sqlx::query(
+            "INSERT INTO notification_failures (message_id, attempt, failed_at, reason, outcome)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (message_id, attempt) DO NOTHING",
+        )
+        .bind(message_id)
+        .bind(i64::from(attempt))
+        .bind(causeway_queue::now_millis() as i64)
+        .bind(reason)
+        .bind(outcome)
+        .execute(&self.state.db.pool)
+        .await;
+        if let Err(err) = recorded {
+            tracing::warn!(message_id, error = %err, "cannot record a failed delivery");
+        }
+    }
+
     /// Stores the notification; `Ok(false)` if this message was stored before.
-    async fn process(&self, delivery: &Delivery) -> Result<bool, Failure> {
+    async fn process(&self, delivery: &Delivery, started: Instant) -> Result<bool, Failure> {
         let event: EmailSent = delivery
             .json()
             .map_err(|err| Failure::Permanent(format!("not an email event: {err}")))?;
@@ -307,8 +369,8 @@ impl Consumer {
         let text = format!("Email {} to you was {}", event.email_id, event.status);
         let inserted = sqlx::query(
             "INSERT INTO notifications
-                (message_id, email_id, user_id, text, attempt, latency_ms, stored_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
+                (message_id, email_id, user_id, text, attempt, latency_ms, processing_ms, stored_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
              ON CONFLICT (message_id) DO NOTHING",
         )
         .bind(&delivery.message_id)
@@ -317,6 +379,7 @@ impl Consumer {
         .bind(&text)
         .bind(i64::from(delivery.attempt))
         .bind(latency_ms)
+        .bind(started.elapsed().as_millis() as i64)
         .bind(now as i64)
         .execute(&self.state.db.pool)
         .await
@@ -371,7 +434,8 @@ async fn list_notifications(
         .parse()
         .map_err(|_| bad_request(format!("userId must be an integer, not {raw:?}")))?;
     let rows = sqlx::query(
-        "SELECT message_id, email_id, user_id, text, attempt, latency_ms FROM notifications
+        "SELECT message_id, email_id, user_id, text, attempt, latency_ms, processing_ms
+         FROM notifications
          WHERE user_id = $1 ORDER BY stored_at, message_id",
     )
     .bind(user_id)
@@ -395,6 +459,7 @@ async fn list_notifications(
                 text: row.try_get("text")?,
                 attempt: row.try_get("attempt")?,
                 latency_ms: row.try_get("latency_ms")?,
+                processing_ms: row.try_get("processing_ms")?,
             })
         })
         .collect::<Result<Vec<_>, sqlx::Error>>()
@@ -407,4 +472,61 @@ async fn list_notifications(
             .for_request(&trace)
         })?;
     Ok(Json(notifications).into_response())
+}
+
+#[derive(Deserialize)]
+struct FailuresQuery {
+    #[serde(rename = "messageId")]
+    message_id: Option<String>,
+}
+
+async fn list_failures(
+    State(state): State<NotificationState>,
+    Extension(trace): Extension<TraceContext>,
+    Query(query): Query<FailuresQuery>,
+) -> Result<Response, ApiError> {
+    let message_id = query.message_id.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_message_id",
+            "the messageId query parameter is required",
+        )
+        .for_request(&trace)
+    })?;
+    let rows = sqlx::query(
+        "SELECT message_id, attempt, failed_at, reason, outcome FROM notification_failures
+         WHERE message_id = $1 ORDER BY attempt",
+    )
+    .bind(&message_id)
+    .fetch_all(&state.db.pool)
+    .await
+    .map_err(|err| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "database_unavailable",
+            format!("{} cannot read failures: {err}", state.instance),
+        )
+        .for_request(&trace)
+    })?;
+    let failures = rows
+        .iter()
+        .map(|row| {
+            Ok(FailedDelivery {
+                message_id: row.try_get("message_id")?,
+                attempt: row.try_get("attempt")?,
+                failed_at: row.try_get("failed_at")?,
+                reason: row.try_get("reason")?,
+                outcome: row.try_get("outcome")?,
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()
+        .map_err(|err| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "bad_row",
+                err.to_string(),
+            )
+            .for_request(&trace)
+        })?;
+    Ok(Json(failures).into_response())
 }
