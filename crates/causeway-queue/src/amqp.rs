@@ -71,7 +71,7 @@ use tokio::sync::Mutex;
 use crate::wire_headers;
 use crate::{
     BackendKind, BrokerTarget, Confirmation, ConnectOptions, Delivery, DeliveryStream,
-    OutgoingMessage, PeekedMessage, QueueBackend, QueueError, QueueInfo, QueueSpec, Settle,
+    OutgoingMessage, PeekedMessage, QueueBackend, QueueError, QueueInfo, QueueSpec,
 };
 
 const KIND: BackendKind = BackendKind::Amqp;
@@ -676,7 +676,26 @@ struct AmqpSettle {
     payload: Bytes,
 }
 
-impl AmqpSettle {
+#[async_trait]
+impl wire_headers::CopyThenAck for AmqpSettle {
+    fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    fn headers(&self) -> &BTreeMap<String, String> {
+        &self.headers
+    }
+
+    async fn publish_copy(
+        &self,
+        queue: &str,
+        headers: &BTreeMap<String, String>,
+    ) -> Result<(), QueueError> {
+        self.shared
+            .publish(queue, &self.message_id, headers, &self.payload)
+            .await
+    }
+
     async fn ack_original(&self) -> Result<(), QueueError> {
         let acked = self
             .acker
@@ -697,43 +716,11 @@ impl AmqpSettle {
         }
     }
 
-    /// Publishes a copy with `headers` to `queue` (confirmed), then acks the original.
-    async fn move_to(
+    async fn delayed_queue(
         &self,
-        queue: &str,
-        headers: &BTreeMap<String, String>,
-    ) -> Result<(), QueueError> {
-        self.shared
-            .publish(queue, &self.message_id, headers, &self.payload)
-            .await?;
-        self.ack_original().await
-    }
-}
-
-#[async_trait]
-impl Settle for AmqpSettle {
-    async fn ack(self: Box<Self>) -> Result<(), QueueError> {
-        self.ack_original().await
-    }
-
-    async fn redeliver(
-        self: Box<Self>,
         delay: Duration,
-        next_attempt: u32,
-    ) -> Result<(), QueueError> {
-        let headers = wire_headers::retry_headers(&self.headers, next_attempt);
-        let target = if delay.is_zero() {
-            self.queue.clone()
-        } else {
-            self.shared.retry_queue(&self.queue, delay).await?
-        };
-        self.move_to(&target, &headers).await
-    }
-
-    async fn dead_letter(self: Box<Self>, reason: &str, attempts: u32) -> Result<(), QueueError> {
-        let headers =
-            wire_headers::dead_letter_headers(&self.headers, &self.queue, reason, attempts);
-        let dlq = causeway_core::queue_policy::dead_letter_queue_name(&self.queue);
-        self.move_to(&dlq, &headers).await
+        _copy: &mut BTreeMap<String, String>,
+    ) -> Result<String, QueueError> {
+        self.shared.retry_queue(&self.queue, delay).await
     }
 }

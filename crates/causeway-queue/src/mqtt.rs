@@ -70,8 +70,7 @@ use tokio::task::JoinHandle;
 use crate::wire_headers;
 use crate::{
     BackendKind, BrokerTarget, Confirmation, ConnectOptions, Delivery, DeliveryStream,
-    OutgoingMessage, PeekedMessage, QueueBackend, QueueError, QueueInfo, QueueSpec, Settle,
-    dead_letter_queue_name, now_millis,
+    OutgoingMessage, PeekedMessage, QueueBackend, QueueError, QueueInfo, QueueSpec, now_millis,
 };
 
 const KIND: BackendKind = BackendKind::Mqtt;
@@ -740,7 +739,27 @@ struct MqttSettle {
     publish: Box<Publish>,
 }
 
-impl MqttSettle {
+#[async_trait]
+impl wire_headers::CopyThenAck for MqttSettle {
+    fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    fn headers(&self) -> &BTreeMap<String, String> {
+        &self.headers
+    }
+
+    async fn publish_copy(
+        &self,
+        queue: &str,
+        headers: &BTreeMap<String, String>,
+    ) -> Result<(), QueueError> {
+        let payload = self.publish.payload.clone();
+        self.publisher
+            .publish(queue, &self.message_id, headers, payload)
+            .await
+    }
+
     async fn ack_original(&self) -> Result<(), QueueError> {
         self.session
             .client
@@ -749,47 +768,14 @@ impl MqttSettle {
             .map_err(disconnected)
     }
 
-    /// Publishes a copy with `headers` to `queue` (after its PUBACK), then acks the original.
-    async fn move_to(
+    /// The same topic: the consumer holds the copy back until its not-before time.
+    async fn delayed_queue(
         &self,
-        queue: &str,
-        headers: &BTreeMap<String, String>,
-    ) -> Result<(), QueueError> {
-        self.publisher
-            .publish(
-                queue,
-                &self.message_id,
-                headers,
-                self.publish.payload.clone(),
-            )
-            .await?;
-        self.ack_original().await
-    }
-}
-
-#[async_trait]
-impl Settle for MqttSettle {
-    async fn ack(self: Box<Self>) -> Result<(), QueueError> {
-        self.ack_original().await
-    }
-
-    async fn redeliver(
-        self: Box<Self>,
         delay: Duration,
-        next_attempt: u32,
-    ) -> Result<(), QueueError> {
-        let mut headers = wire_headers::retry_headers(&self.headers, next_attempt);
-        if !delay.is_zero() {
-            let not_before = now_millis().saturating_add(delay.as_millis() as u64);
-            headers.insert(wire_headers::NOT_BEFORE.to_string(), not_before.to_string());
-        }
-        self.move_to(&self.queue, &headers).await
-    }
-
-    async fn dead_letter(self: Box<Self>, reason: &str, attempts: u32) -> Result<(), QueueError> {
-        let headers =
-            wire_headers::dead_letter_headers(&self.headers, &self.queue, reason, attempts);
-        self.move_to(&dead_letter_queue_name(&self.queue), &headers)
-            .await
+        copy: &mut BTreeMap<String, String>,
+    ) -> Result<String, QueueError> {
+        let not_before = now_millis().saturating_add(delay.as_millis() as u64);
+        copy.insert(wire_headers::NOT_BEFORE.to_string(), not_before.to_string());
+        Ok(self.queue.clone())
     }
 }

@@ -3,8 +3,62 @@
 //! headers a broker adds that must not travel with a republished copy.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
-use crate::headers;
+use async_trait::async_trait;
+
+use crate::{QueueError, Settle, dead_letter_queue_name, headers};
+
+/// A delivery that the library settles by publishing a confirmed copy and only then acking the
+/// original (a crash in between duplicates, never loses): retries and dead letters on AMQP and
+/// MQTT. The backend says how to publish, ack and delay; [`Settle`] follows from it.
+#[async_trait]
+pub(crate) trait CopyThenAck: Send + Sync {
+    fn queue(&self) -> &str;
+    fn headers(&self) -> &BTreeMap<String, String>;
+    /// Publishes the payload with `headers` to `queue` and waits for the broker's confirmation.
+    async fn publish_copy(
+        &self,
+        queue: &str,
+        headers: &BTreeMap<String, String>,
+    ) -> Result<(), QueueError>;
+    async fn ack_original(&self) -> Result<(), QueueError>;
+    /// Where a copy that must wait `delay` (non-zero) goes; may add headers to `copy`.
+    async fn delayed_queue(
+        &self,
+        delay: Duration,
+        copy: &mut BTreeMap<String, String>,
+    ) -> Result<String, QueueError>;
+}
+
+#[async_trait]
+impl<T: CopyThenAck> Settle for T {
+    async fn ack(self: Box<Self>) -> Result<(), QueueError> {
+        self.ack_original().await
+    }
+
+    async fn redeliver(
+        self: Box<Self>,
+        delay: Duration,
+        next_attempt: u32,
+    ) -> Result<(), QueueError> {
+        let mut copy = retry_headers(self.headers(), next_attempt);
+        let target = if delay.is_zero() {
+            self.queue().to_string()
+        } else {
+            self.delayed_queue(delay, &mut copy).await?
+        };
+        self.publish_copy(&target, &copy).await?;
+        self.ack_original().await
+    }
+
+    async fn dead_letter(self: Box<Self>, reason: &str, attempts: u32) -> Result<(), QueueError> {
+        let copy = dead_letter_headers(self.headers(), self.queue(), reason, attempts);
+        self.publish_copy(&dead_letter_queue_name(self.queue()), &copy)
+            .await?;
+        self.ack_original().await
+    }
+}
 
 /// Headers a broker adds on its own (RabbitMQ's dead-lettering and quorum-queue bookkeeping, our
 /// MQTT not-before time): dropped when a message is copied, so a copy starts clean.
