@@ -1,11 +1,24 @@
 //! An in-process broker for tests: TLS certificates from a fresh local CA, a listener on
 //! `127.0.0.1:0`, and a handle that stops it and closes its store.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use causeway_broker::testing::LocalBroker;
+//! let broker = LocalBroker::start().await?; // fresh temporary directory, removed on drop
+//! let options = broker.connect_options(causeway_queue::ConnectOptions::new("test"));
+//! let backend = causeway_queue::connect(&broker.target(), &options).await?;
+//! # drop(backend);
+//! broker.stop().await?;
+//! # Ok(()) }
+//! ```
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use causeway_core::tls::LocalCa;
 use causeway_core::topology::BrokerConfig;
+use causeway_queue::{BrokerTarget, ConnectOptions};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -25,9 +38,40 @@ pub struct LocalBroker {
     pub broker: Broker,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<Result<(), BrokerError>>>,
+    /// A directory this handle created and removes when dropped.
+    owned_dir: Option<PathBuf>,
 }
 
 impl LocalBroker {
+    /// A broker on a fresh temporary directory (removed when the handle is dropped).
+    pub async fn start() -> Result<LocalBroker, BrokerError> {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "causeway-local-broker-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut broker = start_local(&dir).await?;
+        broker.owned_dir = Some(dir);
+        Ok(broker)
+    }
+
+    /// Where clients connect.
+    pub fn target(&self) -> BrokerTarget {
+        BrokerTarget::Embedded {
+            host: self.addr.ip().to_string(),
+            port: self.addr.port(),
+        }
+    }
+
+    /// `options` with the CA certificate and server name that this broker's certificate needs.
+    pub fn connect_options(&self, mut options: ConnectOptions) -> ConnectOptions {
+        options.ca_cert = Some(self.ca_cert.clone());
+        options.server_name = self.server_name.clone();
+        options
+    }
+
     /// `causeway://127.0.0.1:<port>`, for `causeway_queue::BrokerTarget::parse`.
     pub fn url(&self) -> String {
         format!("causeway://{}", self.addr)
@@ -52,6 +96,10 @@ impl Drop for LocalBroker {
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
+        }
+        if let Some(dir) = self.owned_dir.take() {
+            // An open store file may be unlinked; the broker closes it when its last task ends.
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }
@@ -94,5 +142,6 @@ pub async fn start_local_with(
         broker,
         stop: Some(stop),
         server: Some(server),
+        owned_dir: None,
     })
 }
