@@ -2,17 +2,22 @@
 //!
 //! # Topology
 //!
-//! For a queue `q` the backend declares, all durable **quorum** queues (replicated, and the only
-//! RabbitMQ queue type that counts redeliveries in `x-delivery-count`):
+//! For a queue `q` the backend declares durable **classic** queues:
 //! - `q`: the queue itself;
 //! - `q.dlq`: its dead-letter queue;
 //! - `q.retry.<ms>`: one delay queue per distinct backoff of the queue's policy, with a queue-wide
 //!   `x-message-ttl` of `<ms>` that dead-letters expired messages back to `q` through the default
 //!   exchange. A queue-wide TTL (rather than per-message expiration on one retry queue) matters:
 //!   RabbitMQ only expires messages at the head of a queue, so a 10 s message would hold back a
-//!   200 ms one queued behind it. The retry queues use at-least-once dead-lettering
-//!   (`x-dead-letter-strategy=at-least-once`, which needs `x-overflow=reject-publish`), so a
-//!   message moves from a retry queue to `q` only once `q` has it.
+//!   200 ms one queued behind it. A delay outside the policy's steps gets its queue on demand.
+//!
+//! Why not quorum queues: RabbitMQ 3.10's quorum queues put a message that is given back (a
+//! consumer crashed, or `peek` returned it) at the *back* of the queue, which breaks the
+//! interface's promises that one consumer sees publish order and that `peek` consumes nothing
+//! (the conformance suite caught both). Classic queues put it back in its place. The price: no
+//! `x-delivery-count` (a `redelivered` delivery counts as one more attempt, however often it came
+//! back) and at-most-once internal dead-lettering from a retry queue to `q` (a durable queue on a
+//! single node does not drop it; a mirrored cluster could on failover).
 //!
 //! # Delivery guarantees
 //!
@@ -26,15 +31,15 @@
 //! # Attempts
 //!
 //! A delivery's attempt is the `x-causeway-attempt` header (1 when absent) plus the times the
-//! broker took it back from a consumer that did not settle it: quorum queues count those in
-//! `x-delivery-count`; where that header is missing a `redelivered` delivery counts one more.
+//! broker took it back from a consumer that did not settle it: `x-delivery-count` where the queue
+//! counts them (quorum queues declared by someone else), else one if the delivery is
+//! `redelivered`.
 //!
 //! # Operator views
 //!
 //! `peek` takes messages with `basic.get` on a channel of its own and gives them all back with
 //! `basic.nack(requeue)`: they keep their place, but the broker counts the peek as a delivery
-//! (the `redelivered` flag is set and `x-delivery-count` grows), so a peeked message's next
-//! delivery counts one attempt more. `list` uses passive declares: `ready` and `consumers` come
+//! (the `redelivered` flag is set), so a peeked message's next delivery counts one attempt more. `list` uses passive declares: `ready` and `consumers` come
 //! from the broker, `delayed` is the sum of the retry queues, `unacked` is unknown (`None`) without
 //! the management plugin. `redrive` moves dead letters with `basic.get`, a confirmed publish and
 //! then the ack.
@@ -46,7 +51,7 @@
 //! | confirm | broker sequence | publisher confirm | PUBACK |
 //! | retry delay | broker | TTL retry queues | held back by the consumer |
 //! | dead-letter queue | broker | `q.dlq`, published by the library | `.../q.dlq` topic, published by the library |
-//! | attempts after a consumer crash | broker counts | `x-delivery-count` | DUP flag (+1) |
+//! | attempts after a consumer crash | broker counts | `redelivered` flag (+1) | DUP flag (+1) |
 //! | counts in `list` | all | ready, consumers, delayed | none |
 //! | peek | yes | yes (counts as a delivery) | no |
 
@@ -72,6 +77,7 @@ use crate::wire_headers;
 use crate::{
     BackendKind, BrokerTarget, Confirmation, ConnectOptions, Delivery, DeliveryStream,
     OutgoingMessage, PeekedMessage, QueueBackend, QueueError, QueueInfo, QueueSpec,
+    validate_queue_name,
 };
 
 const KIND: BackendKind = BackendKind::Amqp;
@@ -173,20 +179,12 @@ fn text(value: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(value.to_string()))
 }
 
-fn quorum_arguments() -> FieldTable {
-    let mut arguments = FieldTable::default();
-    arguments.insert("x-queue-type".into(), text("quorum"));
-    arguments
-}
-
 fn retry_arguments(queue: &str, delay: Duration) -> FieldTable {
-    let mut arguments = quorum_arguments();
+    let mut arguments = FieldTable::default();
     let ttl = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
     arguments.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
     arguments.insert("x-dead-letter-exchange".into(), text(""));
     arguments.insert("x-dead-letter-routing-key".into(), text(queue));
-    arguments.insert("x-dead-letter-strategy".into(), text("at-least-once"));
-    arguments.insert("x-overflow".into(), text("reject-publish"));
     arguments
 }
 
@@ -398,13 +396,14 @@ impl QueueBackend for AmqpBackend {
     }
 
     async fn declare(&self, spec: &QueueSpec) -> Result<(), QueueError> {
+        validate_queue_name(&spec.name)?;
         let shared = &self.shared;
         let channel = shared.channel().await?;
         shared
-            .declare_queue(&channel, &spec.name, quorum_arguments())
+            .declare_queue(&channel, &spec.name, FieldTable::default())
             .await?;
         shared
-            .declare_queue(&channel, &spec.dead_letter_queue(), quorum_arguments())
+            .declare_queue(&channel, &spec.dead_letter_queue(), FieldTable::default())
             .await?;
         for delay in retry_delays(spec) {
             shared
@@ -420,6 +419,7 @@ impl QueueBackend for AmqpBackend {
         spec: &QueueSpec,
         message: OutgoingMessage,
     ) -> Result<Confirmation, QueueError> {
+        validate_queue_name(&spec.name)?;
         self.shared
             .publish(
                 &spec.name,

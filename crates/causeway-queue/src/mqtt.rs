@@ -48,7 +48,7 @@
 //! | confirm | broker sequence | publisher confirm | PUBACK |
 //! | retry delay | broker | TTL retry queues | held back by the consumer |
 //! | dead-letter queue | broker | `q.dlq`, published by the library | `.../q.dlq` topic, published by the library |
-//! | attempts after a consumer crash | broker counts | `x-delivery-count` | DUP flag (+1) |
+//! | attempts after a consumer crash | broker counts | `redelivered` flag (+1) | DUP flag (+1) |
 //! | counts in `list` | all | ready, consumers, delayed | none |
 //! | peek | yes | yes (counts as a delivery) | no |
 
@@ -71,6 +71,7 @@ use crate::wire_headers;
 use crate::{
     BackendKind, BrokerTarget, Confirmation, ConnectOptions, Delivery, DeliveryStream,
     OutgoingMessage, PeekedMessage, QueueBackend, QueueError, QueueInfo, QueueSpec, now_millis,
+    validate_queue_name,
 };
 
 const KIND: BackendKind = BackendKind::Mqtt;
@@ -575,6 +576,7 @@ impl QueueBackend for MqttBackend {
     }
 
     async fn declare(&self, spec: &QueueSpec) -> Result<(), QueueError> {
+        validate_queue_name(&spec.name)?;
         self.declare_session(&spec.name).await?;
         self.declare_session(&spec.dead_letter_queue()).await
     }
@@ -584,6 +586,7 @@ impl QueueBackend for MqttBackend {
         spec: &QueueSpec,
         message: OutgoingMessage,
     ) -> Result<Confirmation, QueueError> {
+        validate_queue_name(&spec.name)?;
         self.publisher
             .publish(
                 &spec.name,

@@ -375,3 +375,41 @@ async fn amqp_peek_list_and_missing_queues() {
         .expect("deleting a missing queue");
     assert!(backend.list(&[spec]).await.expect("list").is_empty());
 }
+
+/// MQTT only: no peek, no counts, and publishing to an undeclared queue reaches no session.
+#[tokio::test]
+async fn mqtt_peek_list_and_missing_queues() {
+    let Some(backend) = backend(MQTT, "mqtt_peek_list").await else {
+        return;
+    };
+    let spec = unique_spec("peek", QueuePolicy::default());
+    backend.declare(&spec).await.expect("declare");
+    assert!(matches!(
+        backend.peek(&spec.name, 1).await,
+        Err(QueueError::Unsupported { .. })
+    ));
+    let infos = backend
+        .list(std::slice::from_ref(&spec))
+        .await
+        .expect("list");
+    let names: Vec<&str> = infos.iter().map(|info| info.name.as_str()).collect();
+    assert_eq!(names, [spec.name.clone(), spec.dead_letter_queue()]);
+    assert!(
+        infos
+            .iter()
+            .all(|info| info.ready.is_none() && info.consumers.is_none())
+    );
+    let missing = unique_spec("missing", QueuePolicy::default());
+    let err = backend
+        .publish(&missing, OutgoingMessage::new(&b"{}"[..]))
+        .await
+        .expect_err("no such queue");
+    assert!(matches!(err, QueueError::NoSuchQueue(_)), "{err}");
+    backend.delete(&spec).await.expect("delete");
+    // The sessions are gone with the queue.
+    let err = backend
+        .publish(&spec, OutgoingMessage::new(&b"{}"[..]))
+        .await
+        .expect_err("deleted");
+    assert!(matches!(err, QueueError::NoSuchQueue(_)), "{err}");
+}
