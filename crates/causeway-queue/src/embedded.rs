@@ -300,6 +300,7 @@ impl QueueBackend for EmbeddedBackend {
         spec: &QueueSpec,
         message: OutgoingMessage,
     ) -> Result<Confirmation, QueueError> {
+        validate_queue_name(&spec.name)?;
         let stream = self.publish_stream().await?;
         let correlation = self.correlation.fetch_add(1, Ordering::Relaxed);
         let Some(confirmed) = register(&stream.waiters, correlation) else {
