@@ -6,6 +6,10 @@
 //! limits, attempts and backoff) come from `causeway_core::queue_policy`; the client side is
 //! `causeway_queue::embedded`.
 //!
+//! Why redb for storage and group commit: see the `store` module; why gRPC bidirectional streams
+//! for the wire protocol: see the `server` module. Tests start an in-process broker with
+//! [`testing::LocalBroker`].
+//!
 //! ```no_run
 //! # async fn run(data_dir: &std::path::Path, certs: &causeway_core::tls::CertPaths) -> Result<(), causeway_broker::BrokerError> {
 //! let config = causeway_core::topology::BrokerConfig::default();

@@ -332,3 +332,47 @@ async fn bad_input_is_refused_with_the_reason() {
             .any(|queue| queue.name.starts_with("tiny"))
     );
 }
+
+#[tokio::test]
+async fn without_fsync_confirmed_messages_are_flushed_by_close() {
+    let dir = TempDir::new("nofsync");
+    let config = BrokerConfig {
+        fsync: false,
+        ..BrokerConfig::default()
+    };
+    let broker = Broker::open(&dir.0, &config).unwrap();
+    broker
+        .declare("orders", QueuePolicy::default())
+        .await
+        .unwrap();
+    publish(&broker, "a").await;
+    drop(broker);
+    let broker = Broker::open(&dir.0, &config).unwrap();
+    let kept = broker.peek("orders", 10).unwrap();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0].message_id, "a");
+}
+
+#[tokio::test]
+async fn metrics_count_per_queue_and_commits() {
+    let dir = TempDir::new("metrics");
+    let broker = open(&dir, 64).await;
+    let mut registry = prometheus_client::registry::Registry::default();
+    broker.register_metrics(&mut registry);
+    publish(&broker, "a").await;
+    let mut consumer = broker.subscribe("orders", 1).unwrap();
+    let delivered = next(&mut consumer).await;
+    settle(&consumer, &delivered, SettleAction::Ack).await;
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    for line in [
+        r#"broker_published_total{queue="orders"} 1"#,
+        r#"broker_delivered_total{queue="orders"} 1"#,
+        r#"broker_acked_total{queue="orders"} 1"#,
+        r#"broker_ready{queue="orders"} 0"#,
+        "broker_commit_batch_operations_count",
+        "broker_commit_seconds_bucket",
+    ] {
+        assert!(text.contains(line), "{line} missing from\n{text}");
+    }
+}
