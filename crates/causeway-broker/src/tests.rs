@@ -35,7 +35,12 @@ async fn open(dir: &TempDir, max_batch: usize) -> Broker {
         max_batch,
         ..BrokerConfig::default()
     };
-    let broker = Broker::open(&dir.0, &config).unwrap();
+    open_with(dir, &config).await
+}
+
+/// Opens the broker in `dir` and declares `orders`.
+async fn open_with(dir: &TempDir, config: &BrokerConfig) -> Broker {
+    let broker = Broker::open(&dir.0, config).unwrap();
     broker
         .declare("orders", QueuePolicy::default())
         .await
@@ -340,11 +345,7 @@ async fn without_fsync_confirmed_messages_are_flushed_by_close() {
         fsync: false,
         ..BrokerConfig::default()
     };
-    let broker = Broker::open(&dir.0, &config).unwrap();
-    broker
-        .declare("orders", QueuePolicy::default())
-        .await
-        .unwrap();
+    let broker = open_with(&dir, &config).await;
     publish(&broker, "a").await;
     drop(broker);
     let broker = Broker::open(&dir.0, &config).unwrap();
