@@ -17,7 +17,9 @@ use causeway_core::topology::{ServiceConfig, instance_addr};
 use causeway_core::{ChildReport, Launch, Role};
 use causeway_discovery::{DiscoveryServer, Registry};
 use causeway_proxy::{Balancer, Gateway};
+use causeway_queue::{BrokerLink, BrokerTarget, ConnectOptions, QueueError, ResolveBroker};
 use causeway_services::ServiceDeps;
+use causeway_services::notification::ConsumerMetrics;
 use hyper_util::service::TowerToHyperService;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
@@ -84,6 +86,31 @@ async fn run() -> anyhow::Result<()> {
             let app = causeway_services::pricing::app(&deps).await?;
             app.register_metrics(&mut metrics);
             start_pricing(&launch, metrics, app, shutdown).await?
+        }
+        Role::Broker => start_broker(&launch, metrics, shutdown).await?,
+        Role::EmailService => {
+            let broker = broker_link(&launch)?;
+            let deps = service_deps(&launch, metrics.http_server());
+            let queue = launch.topology.messaging.notification_queue.clone();
+            let app = causeway_services::email::app(&deps, broker, queue, shutdown.clone()).await?;
+            start_http_service(&launch, metrics, app, shutdown).await?
+        }
+        Role::NotificationService => {
+            let broker = broker_link(&launch)?;
+            let deps = service_deps(&launch, metrics.http_server());
+            let messaging = &launch.topology.messaging;
+            let consumer_metrics = ConsumerMetrics::default();
+            consumer_metrics.register(metrics.registry_mut());
+            let app = causeway_services::notification::app(
+                &deps,
+                broker,
+                messaging.notification_queue.clone(),
+                messaging.prefetch,
+                consumer_metrics,
+                shutdown.clone(),
+            )
+            .await?;
+            start_http_service(&launch, metrics, app, shutdown).await?
         }
         Role::InventoryService => {
             let settings = client_settings(&launch);
@@ -303,6 +330,66 @@ async fn start_reverse_proxy(
     Ok(tasks)
 }
 
+/// The service's link to its broker: `messaging.broker_url` if set, else the embedded broker,
+/// found through discovery on every (re)connect since a restarted broker may listen elsewhere.
+fn broker_link(launch: &Launch) -> anyhow::Result<Arc<BrokerLink>> {
+    let zone = &launch.topology.discovery.zone;
+    let mut options = ConnectOptions::new(launch.instance());
+    options.ca_cert = Some(launch.data().ca_cert());
+    options.server_name = format!("{}.{zone}", Role::Broker.name());
+    let queues = vec![launch.topology.messaging.notification_queue.clone()];
+    if let Some(url) = &launch.topology.messaging.broker_url {
+        let target = BrokerTarget::parse(url)?;
+        return Ok(Arc::new(BrokerLink::fixed(target, options, queues)));
+    }
+    let discovery = Arc::new(Discovery::new(launch.dns_addr, zone)?);
+    let resolve: ResolveBroker = Arc::new(move || {
+        let discovery = discovery.clone();
+        Box::pin(async move {
+            let service = Role::Broker.name();
+            discovery.forget_service(service);
+            let resolution =
+                discovery
+                    .resolve(service)
+                    .await
+                    .map_err(|err| QueueError::Connect {
+                        backend: causeway_queue::BackendKind::Embedded,
+                        target: format!("{service} (discovery)"),
+                        message: err.to_string(),
+                    })?;
+            let endpoint = &resolution.endpoints[0];
+            Ok(BrokerTarget::Embedded {
+                host: endpoint.addr.ip().to_string(),
+                port: endpoint.addr.port(),
+            })
+        })
+    });
+    Ok(Arc::new(BrokerLink::new(resolve, options, queues)))
+}
+
+/// The embedded broker: its queues on disk in the data dir, its gRPC API over TLS.
+async fn start_broker(
+    launch: &Launch,
+    mut metrics: Metrics,
+    shutdown: Shutdown,
+) -> anyhow::Result<Vec<JoinHandle<()>>> {
+    let config = &launch.topology.broker;
+    let broker = causeway_broker::Broker::open(launch.data().root(), config)
+        .context("opening the broker's storage")?;
+    broker.register_metrics(metrics.registry_mut());
+    let (listener, admin) = bind_listeners(launch, config.listen, config.admin_listen).await?;
+    let listen = listener.local_addr()?;
+    let certificate = launch.data().service_cert(launch.role.name());
+    let mut tasks = announce(launch, listen, admin, metrics, &shutdown).await?;
+    let stopped = shutdown.fired();
+    tasks.push(tokio::spawn(async move {
+        if let Err(err) = causeway_broker::serve(broker, listener, &certificate, stopped).await {
+            tracing::error!(error = %err, "the broker stopped with an error");
+        }
+    }));
+    Ok(tasks)
+}
+
 async fn start_pricing(
     launch: &Launch,
     metrics: Metrics,
@@ -313,9 +400,8 @@ async fn start_pricing(
     let listen = listener.local_addr()?;
     let certificate = launch.data().service_cert(launch.role.name());
     let mut tasks = announce(launch, listen, admin, metrics, &shutdown).await?;
-    let mut stop = shutdown.clone();
+    let stopped = shutdown.fired();
     tasks.push(tokio::spawn(async move {
-        let stopped = async move { stop.wait().await };
         if let Err(err) =
             causeway_services::pricing::serve(app, listener, &certificate, stopped).await
         {

@@ -19,14 +19,40 @@ use crate::state::RunState;
 /// The demo's request: user 123's orders.
 pub const DEMO_USER: &str = "123";
 
+/// What a demo needs to call the running system through its edge as the demo user.
+pub struct DemoAccess {
+    pub state: RunState,
+    pub data: DataDir,
+    pub edge: std::net::SocketAddr,
+    /// A five-minute token for [`DEMO_USER`].
+    pub token: String,
+}
+
+impl DemoAccess {
+    pub fn load(topology: &Topology, data_dir: &Path) -> anyhow::Result<Self> {
+        let state = RunState::load(data_dir)?;
+        let data = DataDir::new(data_dir);
+        let edge = state
+            .edge
+            .context("the run state names no edge address; is `causeway up` still starting?")?;
+        let key = causeway_proxy::auth::load_or_create_key(&data.jwt_key())?;
+        let token = causeway_proxy::auth::issue(&key, &topology.reverse_proxy.jwt, DEMO_USER, 300)?;
+        Ok(Self {
+            state,
+            data,
+            edge,
+            token,
+        })
+    }
+}
+
 pub async fn rest(topology: &Topology, data_dir: &Path) -> anyhow::Result<String> {
-    let state = RunState::load(data_dir)?;
-    let data = DataDir::new(data_dir);
-    let edge = state
-        .edge
-        .context("the run state names no edge address; is `causeway up` still starting?")?;
-    let key = causeway_proxy::auth::load_or_create_key(&data.jwt_key())?;
-    let token = causeway_proxy::auth::issue(&key, &topology.reverse_proxy.jwt, DEMO_USER, 300)?;
+    let DemoAccess {
+        state,
+        data,
+        edge,
+        token,
+    } = DemoAccess::load(topology, data_dir)?;
 
     // The demo's own look at DNS, as `dig order-service.internal A` would see it.
     let discovery = Discovery::new(state.dns, &topology.discovery.zone)?;

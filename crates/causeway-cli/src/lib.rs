@@ -3,11 +3,14 @@
 //! the integration tests.
 
 pub mod bench;
+pub mod bench_queue;
 pub mod component;
 pub mod demo;
 pub mod demo_grpc;
+pub mod demo_queue;
 pub mod edge;
 pub mod loadgen;
+pub mod queue;
 pub mod state;
 pub mod status;
 pub mod supervisor;

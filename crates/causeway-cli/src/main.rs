@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use causeway_cli::{bench, component, demo, demo_grpc, status, supervisor};
+use causeway_cli::{
+    bench, bench_queue, component, demo, demo_grpc, demo_queue, queue, status, supervisor,
+};
 use causeway_core::{DataDir, Topology};
 use clap::{Parser, Subcommand};
 
@@ -64,6 +66,17 @@ enum Command {
         #[arg(long, global = true, default_value_t = 1)]
         warmup: u64,
     },
+    /// Look into the queue scenario's broker: depths, messages, dead letters, redrive.
+    Queue {
+        #[command(subcommand)]
+        action: QueueAction,
+        /// Broker URL (default: the one the running system uses).
+        #[arg(long, global = true, env = "CAUSEWAY_BROKER")]
+        broker: Option<String>,
+        /// Print JSON instead of text.
+        #[arg(long, global = true)]
+        json: bool,
+    },
     /// Run one component (started by `causeway up`, not by hand).
     #[command(hide = true)]
     Component {
@@ -78,12 +91,57 @@ enum Technique {
     Rest,
     /// gRPC: Inventory Service -> Pricing Service, all four call kinds.
     Grpc,
+    /// Message queue: Email Service -> notification-queue -> Notification Service, then a
+    /// message that fails into the dead-letter queue.
+    Queue,
+}
+
+#[derive(Subcommand)]
+enum QueueAction {
+    /// Queues with their ready, unacked and delayed messages and consumers.
+    Ls,
+    /// Messages of a queue, oldest first, without consuming them.
+    Peek {
+        queue: String,
+        #[arg(long, default_value_t = 10)]
+        limit: usize,
+    },
+    /// The dead letters of a queue (its `<queue>.dlq`), with why each was dead-lettered.
+    Dlq {
+        queue: String,
+        #[arg(long, default_value_t = 10)]
+        limit: usize,
+    },
+    /// Move a queue's dead letters back into it, each with a fresh attempt count.
+    Redrive {
+        queue: String,
+        /// At most this many (default: all).
+        #[arg(long)]
+        limit: Option<u64>,
+    },
 }
 
 #[derive(Subcommand)]
 enum BenchTarget {
     /// gRPC unary vs REST/JSON (HTTP/1.1, HTTP/2), Pricing Service vs bare tonic, streaming.
     Grpc,
+    /// Publish+consume through the embedded broker, RabbitMQ and MQTT: msgs/s and latency.
+    Queue {
+        /// RabbitMQ to compare with (skipped if unreachable).
+        #[arg(
+            long,
+            env = "CAUSEWAY_BENCH_AMQP_URL",
+            default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+        )]
+        amqp: String,
+        /// MQTT broker to compare with (skipped if unreachable).
+        #[arg(
+            long,
+            env = "CAUSEWAY_BENCH_MQTT_URL",
+            default_value = "mqtt://127.0.0.1:1883"
+        )]
+        mqtt: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -106,6 +164,10 @@ struct UpArgs {
     /// Database for every service (`postgres://...`); default: SQLite files in the data dir.
     #[arg(long, env = "CAUSEWAY_DATABASE_URL")]
     database_url: Option<String>,
+    /// The broker of the queue scenario: `amqp://user:pass@host:5672/%2f` (RabbitMQ) or
+    /// `mqtt://host:1883`; default: Causeway's embedded broker.
+    #[arg(long, env = "CAUSEWAY_BROKER")]
+    broker: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -143,6 +205,9 @@ fn run(command: Command, mut topology: Topology) -> anyhow::Result<ExitCode> {
         Command::Up(args) => {
             apply_overrides(&mut topology, args);
             topology.validate()?;
+            if let Some(url) = &topology.messaging.broker_url {
+                causeway_queue::BrokerTarget::parse(url)?;
+            }
             runtime.block_on(supervisor::up(topology))?;
             Ok(ExitCode::SUCCESS)
         }
@@ -171,8 +236,32 @@ fn run(command: Command, mut topology: Topology) -> anyhow::Result<ExitCode> {
                 match technique {
                     Technique::Rest => demo::rest(&topology, &topology.data_dir).await,
                     Technique::Grpc => demo_grpc::grpc(&topology, &topology.data_dir).await,
+                    Technique::Queue => demo_queue::queue(&topology, &topology.data_dir).await,
                 }
             })?;
+            print!("{report}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            target: BenchTarget::Queue { amqp, mqtt },
+            concurrency,
+            seconds,
+            warmup,
+        } => {
+            let options = bench_queue::QueueBenchOptions {
+                shape: causeway_cli::loadgen::LoadShape {
+                    concurrency: concurrency.max(1),
+                    duration: std::time::Duration::from_secs(seconds.max(1)),
+                    warmup: std::time::Duration::from_secs(warmup),
+                },
+                amqp_url: amqp,
+                mqtt_url: mqtt,
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            let report = runtime.block_on(bench_queue::run(&options))?;
             print!("{report}");
             Ok(ExitCode::SUCCESS)
         }
@@ -197,8 +286,53 @@ fn run(command: Command, mut topology: Topology) -> anyhow::Result<ExitCode> {
             print!("{report}");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Queue {
+            action,
+            broker,
+            json,
+        } => {
+            let data_dir = topology.data_dir.clone();
+            let out = runtime.block_on(async {
+                let backend = queue::connect(&topology, &data_dir, broker.as_deref()).await?;
+                let text = match action {
+                    QueueAction::Ls if json => {
+                        let known = std::slice::from_ref(&topology.messaging.notification_queue);
+                        serde_json::to_string_pretty(&backend.list(known).await?)? + "\n"
+                    }
+                    QueueAction::Ls => queue::list(&*backend, &topology).await?,
+                    QueueAction::Peek { queue, limit } => {
+                        peek_output(&*backend, &queue, limit, json).await?
+                    }
+                    QueueAction::Dlq { queue, limit } => {
+                        let dlq = causeway_queue::dead_letter_queue_name(&queue);
+                        peek_output(&*backend, &dlq, limit, json).await?
+                    }
+                    QueueAction::Redrive { queue, limit } => {
+                        let spec = queue::spec_for(&topology, &queue);
+                        queue::redrive(&*backend, &spec, limit).await?
+                    }
+                };
+                anyhow::Ok(text)
+            })?;
+            print!("{out}");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Component { .. } => Ok(component::main()),
     }
+}
+
+async fn peek_output(
+    backend: &dyn causeway_queue::QueueBackend,
+    queue_name: &str,
+    limit: usize,
+    json: bool,
+) -> anyhow::Result<String> {
+    let (messages, text) = queue::peek(backend, queue_name, limit).await?;
+    Ok(if json {
+        serde_json::to_string_pretty(&messages)? + "\n"
+    } else {
+        text
+    })
 }
 
 fn apply_overrides(topology: &mut Topology, args: UpArgs) {
@@ -223,8 +357,13 @@ fn apply_overrides(topology: &mut Topology, args: UpArgs) {
             &mut topology.order_service,
             &mut topology.pricing_service,
             &mut topology.inventory_service,
+            &mut topology.email_service,
+            &mut topology.notification_service,
         ] {
             service.database_url = Some(url.clone());
         }
+    }
+    if let Some(url) = args.broker {
+        topology.messaging.broker_url = Some(url);
     }
 }

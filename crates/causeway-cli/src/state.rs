@@ -14,6 +14,9 @@ pub struct RunState {
     pub registry: SocketAddr,
     /// The edge's address, where clients send requests.
     pub edge: Option<SocketAddr>,
+    /// The broker the services use, as a URL (`causeway://...` for the embedded broker).
+    #[serde(default)]
+    pub broker: Option<String>,
     pub components: Vec<ComponentState>,
 }
 

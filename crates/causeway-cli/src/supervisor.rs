@@ -76,6 +76,7 @@ pub async fn up(mut topology: Topology) -> anyhow::Result<()> {
             dns: topology.discovery.dns_listen,
             registry: topology.discovery.api_listen,
             edge: None,
+            broker: topology.messaging.broker_url.clone(),
             components: Vec::new(),
         },
         topology,
@@ -159,6 +160,9 @@ fn check_fixed_ports(topology: &Topology) -> anyhow::Result<()> {
         ("the registry API", topology.discovery.api_listen),
         ("the load balancer", topology.load_balancer.listen),
     ];
+    if topology.instances(Role::Broker) > 0 {
+        tcp.push(("the broker", topology.broker.listen));
+    }
     let fixed = |base: SocketAddr, count: usize| {
         (0..count).map(move |i| causeway_core::topology::instance_addr(base, i))
     };
@@ -195,9 +199,9 @@ fn check_fixed_ports(topology: &Topology) -> anyhow::Result<()> {
 fn prepare_credentials(topology: &Topology, data: &DataDir) -> anyhow::Result<()> {
     let ca = LocalCa::load_or_create(&data.tls_dir())?;
     let zone = &topology.discovery.zone;
-    let certified = Role::ALL
-        .into_iter()
-        .filter(|role| *role == Role::ReverseProxy || topology.service(*role).is_some());
+    let certified = Role::ALL.into_iter().filter(|role| {
+        matches!(role, Role::ReverseProxy | Role::Broker) || topology.service(*role).is_some()
+    });
     for role in certified {
         let service = role.name();
         let mut names = vec![format!("{service}.{zone}"), format!("*.{service}.{zone}")];
@@ -318,6 +322,7 @@ impl Supervisor {
                 self.state.registry = admin;
             }
             Role::LoadBalancer => self.state.edge = Some(listen),
+            Role::Broker => self.state.broker = Some(format!("causeway://{listen}")),
             _ => {}
         }
         let log = self.data.log(&instance);

@@ -730,3 +730,242 @@ async fn grpc_works_through_the_edge_and_behind_inventory() {
         "the encoded request: {text}"
     );
 }
+
+/// Sends an email through the edge as user 123; returns the status and Email Service's answer.
+async fn send_email(
+    system: &System,
+    token: &str,
+    fail_notification: bool,
+) -> (StatusCode, serde_json::Value) {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::AUTHORIZATION,
+        HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+    );
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    let body = serde_json::json!({"userId": 123, "failNotification": fail_notification});
+    let response = system
+        .request(
+            Method::POST,
+            "/api/emails",
+            headers,
+            Bytes::from(body.to_string()),
+        )
+        .await;
+    let json = response.json().expect("Email Service answers JSON");
+    (response.status, json)
+}
+
+/// The message ids of user 123's notifications.
+async fn notified_messages(system: &System, token: &str) -> BTreeSet<String> {
+    let response = system
+        .get("/api/notifications?userId=123", Some(token))
+        .await;
+    assert_eq!(response.status, StatusCode::OK, "{:?}", response.body);
+    response
+        .json()
+        .expect("JSON")
+        .as_array()
+        .expect("a list of notifications")
+        .iter()
+        .filter_map(|n| n["messageId"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// Waits until every message in `expected` has become a notification.
+async fn wait_for_notifications(
+    system: &System,
+    token: &str,
+    expected: &BTreeSet<String>,
+    within: Duration,
+) -> BTreeSet<String> {
+    let mut seen = BTreeSet::new();
+    let _ = eventually(within, async || {
+        seen = notified_messages(system, token).await;
+        expected.is_subset(&seen).then_some(())
+    })
+    .await;
+    seen
+}
+
+/// The queue scenario on the embedded broker: an email becomes a notification, the demo shows
+/// the six steps and a message ending in the dead-letter queue, and the operator tools list,
+/// peek and redrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn emails_become_notifications_and_failures_end_in_the_dead_letter_queue() {
+    let system = System::start(test_topology());
+    let token = system.token("123", 300);
+
+    let (status, email) = send_email(&system, &token, false).await;
+    assert_eq!(status, StatusCode::CREATED, "{email}");
+    assert_eq!(email["published"], true, "{email}");
+    let message_id = email["messageId"]
+        .as_str()
+        .expect("a message id")
+        .to_string();
+    let expected = BTreeSet::from([message_id.clone()]);
+    let seen = wait_for_notifications(&system, &token, &expected, Duration::from_secs(10)).await;
+    assert!(seen.contains(&message_id), "notification stored: {seen:?}");
+
+    let bad = system
+        .get("/api/notifications?userId=abc", Some(&token))
+        .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+
+    let text = demo_prints(
+        &system,
+        "queue",
+        &[
+            "1. Message creation",
+            "2. Queueing",
+            "3. Broker",
+            "4. Message consumption",
+            "5. Acknowledgment",
+            "6. Retry",
+            "attempt 3",
+            "dead-lettered",
+            "notification-queue.dlq holds it",
+        ],
+    );
+    assert!(text.contains("\"status\":\"sent\""), "{text}");
+
+    let ls = system.run(&["queue", "ls"]);
+    let listing = String::from_utf8_lossy(&ls.stdout);
+    assert!(ls.status.success(), "{ls:?}");
+    assert!(listing.contains("notification-queue.dlq"), "{listing}");
+
+    let dlq = system.run(&["queue", "dlq", "notification-queue", "--json"]);
+    assert!(dlq.status.success(), "{dlq:?}");
+    let letters: serde_json::Value = serde_json::from_slice(&dlq.stdout).expect("JSON");
+    let letters = letters.as_array().expect("a list");
+    assert_eq!(letters.len(), 1, "the demo's failing message: {letters:?}");
+    assert!(
+        letters[0]["headers"]["x-causeway-dead-letter-reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("failed 3 of 3 attempts"),
+        "{letters:?}"
+    );
+
+    let redrive = system.run(&["queue", "redrive", "notification-queue"]);
+    assert!(redrive.status.success(), "{redrive:?}");
+    assert!(
+        String::from_utf8_lossy(&redrive.stdout)
+            .contains("moved 1 dead letter from notification-queue.dlq back to notification-queue"),
+        "{redrive:?}"
+    );
+    // The redriven message still cannot be processed: three more attempts, then back again.
+    let back = eventually(Duration::from_secs(10), async || {
+        let dlq = system.run(&["queue", "dlq", "notification-queue", "--json"]);
+        let letters: serde_json::Value = serde_json::from_slice(&dlq.stdout).ok()?;
+        (letters.as_array()?.len() == 1).then_some(())
+    })
+    .await;
+    assert!(
+        back.is_some(),
+        "the redriven message failed back into the DLQ"
+    );
+
+    let metrics = system.run(&["status", "--json"]);
+    assert!(metrics.status.success());
+}
+
+/// The broker is killed with SIGKILL while messages wait for a stopped consumer: no confirmed
+/// message is lost, emails sent while it is down wait in Email Service's outbox, and everything
+/// arrives once the supervisor has restarted the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_broker_loses_no_confirmed_message() {
+    let system = System::start(test_topology());
+    let token = system.token("123", 300);
+    let consumer = system
+        .pid_of("notification-service-1")
+        .expect("consumer pid");
+    signal(consumer, Signal::SIGSTOP);
+
+    let mut expected = BTreeSet::new();
+    for _ in 0..20 {
+        let (status, email) = send_email(&system, &token, false).await;
+        assert_eq!(status, StatusCode::CREATED, "confirmed: {email}");
+        expected.insert(email["messageId"].as_str().unwrap().to_string());
+    }
+    let broker = system.pid_of("broker-1").expect("broker pid");
+    signal(broker, Signal::SIGKILL);
+
+    // While the broker is down an email is still recorded; its message waits in the outbox.
+    let (status, email) = send_email(&system, &token, false).await;
+    assert!(
+        status == StatusCode::ACCEPTED || status == StatusCode::CREATED,
+        "{status}: {email}"
+    );
+    expected.insert(email["messageId"].as_str().unwrap().to_string());
+
+    let restarted = eventually(Duration::from_secs(20), async || {
+        let pid = system.pid_of("broker-1")?;
+        (pid != broker).then_some(pid)
+    })
+    .await;
+    assert!(restarted.is_some(), "the supervisor restarted the broker");
+    signal(consumer, Signal::SIGCONT);
+
+    let seen = wait_for_notifications(&system, &token, &expected, Duration::from_secs(30)).await;
+    let lost: Vec<_> = expected.difference(&seen).collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} messages lost: {lost:?}",
+        lost.len(),
+        expected.len()
+    );
+}
+
+/// `causeway up --broker` runs the same scenario on RabbitMQ and on MQTT (the URLs come from
+/// `CAUSEWAY_TEST_AMQP_URL` and `CAUSEWAY_TEST_MQTT_URL`, which `.ci/run` sets).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_queue_scenario_runs_on_rabbitmq_and_mqtt() {
+    for variable in ["CAUSEWAY_TEST_AMQP_URL", "CAUSEWAY_TEST_MQTT_URL"] {
+        let Ok(url) = std::env::var(variable) else {
+            assert!(
+                std::env::var("CAUSEWAY_REQUIRE_BROKERS").as_deref() != Ok("1"),
+                "CAUSEWAY_REQUIRE_BROKERS=1 but {variable} is not set"
+            );
+            eprintln!("{variable} is not set; skipped");
+            continue;
+        };
+        let mut topology = test_topology();
+        // Its own queue, so that runs never see each other's messages.
+        let suffix = &causeway_queue::new_message_id()[..10];
+        topology.messaging.notification_queue.name = format!("notification-queue-{suffix}");
+        let system = System::start_with(topology.clone(), &["--broker", &url]);
+        let status = system.status_json();
+        let components = status["components"].as_array().expect("components");
+        assert!(
+            components.iter().all(|c| c["role"] != "broker"),
+            "no embedded broker when --broker is given: {status}"
+        );
+        let token = system.token("123", 300);
+        let (status, email) = send_email(&system, &token, false).await;
+        assert_eq!(status, StatusCode::CREATED, "{url}: {email}");
+        let expected = BTreeSet::from([email["messageId"].as_str().unwrap().to_string()]);
+        let seen =
+            wait_for_notifications(&system, &token, &expected, Duration::from_secs(15)).await;
+        assert!(expected.is_subset(&seen), "{url}: {seen:?}");
+        let ls = system.run(&["queue", "ls"]);
+        assert!(ls.status.success(), "{url}: {ls:?}");
+        assert!(
+            String::from_utf8_lossy(&ls.stdout)
+                .contains(&topology.messaging.notification_queue.name),
+            "{url}: {ls:?}"
+        );
+        // Leave nothing behind on the shared broker.
+        let backend = causeway_queue::connect(
+            &causeway_queue::BrokerTarget::parse(&url).unwrap(),
+            &causeway_queue::ConnectOptions::new("system-test-cleanup"),
+        )
+        .await
+        .expect("connect for clean-up");
+        drop(system);
+        let _ = backend.delete(&topology.messaging.notification_queue).await;
+    }
+}

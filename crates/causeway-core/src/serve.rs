@@ -53,6 +53,12 @@ impl Shutdown {
         let _ = self.receiver.wait_for(|fired| *fired).await;
     }
 
+    /// A future that resolves once shutdown is fired, for servers that take one.
+    pub fn fired(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut shutdown = self.clone();
+        async move { shutdown.wait().await }
+    }
+
     pub fn is_fired(&self) -> bool {
         *self.receiver.borrow()
     }

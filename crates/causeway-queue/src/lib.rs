@@ -109,12 +109,14 @@ pub trait QueueBackend: Send + Sync {
     /// their messages (for tests and operators). Deleting a queue that does not exist is not an error.
     async fn delete(&self, spec: &QueueSpec) -> Result<(), QueueError>;
 
-    /// Validates `message` against `spec` (JSON, size), then publishes it with confirmation.
+    /// Validates the queue name and `message` against `spec` (JSON, size), then publishes it with
+    /// confirmation.
     async fn publish(
         &self,
         spec: &QueueSpec,
         message: OutgoingMessage,
     ) -> Result<Confirmation, QueueError> {
+        validate_queue_name(&spec.name)?;
         spec.policy.validate_payload(&message.payload)?;
         self.publish_validated(spec, message).await
     }

@@ -38,9 +38,10 @@ async fn fixture(kind: BackendKind) -> Option<Fixture> {
             let broker = causeway_broker::testing::LocalBroker::start()
                 .await
                 .expect("start an in-process embedded broker");
-            let backend = causeway_queue::connect(&broker.target(), &broker.connect_options(options))
-                .await
-                .expect("connect to the in-process embedded broker");
+            let backend =
+                causeway_queue::connect(&broker.target(), &broker.connect_options(options))
+                    .await
+                    .expect("connect to the in-process embedded broker");
             Some(Fixture {
                 backend,
                 _broker: Some(broker),
@@ -245,7 +246,10 @@ async fn dead_letter_after_max_attempts_then_redrive(backend: &dyn QueueBackend)
     assert_eq!(moved, 1, "one dead letter to move back");
     let redriven = next(&mut subscription).await;
     assert_eq!(redriven.message_id, sent.message_id);
-    assert_eq!(redriven.attempt, 1, "a redriven message starts its attempts afresh");
+    assert_eq!(
+        redriven.attempt, 1,
+        "a redriven message starts its attempts afresh"
+    );
     redriven.ack().await.expect("ack");
     assert_eq!(backend.redrive(&spec, None).await.expect("redrive"), 0);
     drop(subscription);
@@ -310,7 +314,11 @@ async fn consumer_crash_redelivers_unacked(backend: &dyn QueueBackend) {
         delivery.ack().await.expect("ack");
     }
     redelivered.sort();
-    assert_eq!(redelivered[0], (1, true, 2), "the crashed consumer's message");
+    assert_eq!(
+        redelivered[0],
+        (1, true, 2),
+        "the crashed consumer's message"
+    );
     assert_eq!(redelivered[1].0, 2);
     expect_quiet(&mut survivor).await;
     drop(survivor);
@@ -354,7 +362,11 @@ async fn bad_payloads_are_refused(backend: &dyn QueueBackend) {
     backend.publish(&spec, message(8)).await.expect("publish");
     let mut subscription = backend.subscribe(&spec, 4).await.expect("subscribe");
     let delivery = next(&mut subscription).await;
-    assert_eq!(email_id(&delivery), 8, "the garbage never reaches the consumer");
+    assert_eq!(
+        email_id(&delivery),
+        8,
+        "the garbage never reaches the consumer"
+    );
     delivery.ack().await.expect("ack");
     drop(subscription);
 

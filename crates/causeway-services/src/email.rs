@@ -16,8 +16,8 @@ use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use causeway_core::server_timing::{self, TimingEntry, steps};
 use causeway_core::serve::Shutdown;
+use causeway_core::server_timing::{self, TimingEntry, steps};
 use causeway_core::trace_context::TraceContext;
 use causeway_queue::{BrokerLink, Confirmation, OutgoingMessage, QueueSpec, headers};
 use http::{HeaderMap, StatusCode};
@@ -131,7 +131,8 @@ pub async fn app(
     shutdown: Shutdown,
 ) -> Result<Router, ServiceError> {
     let db = db::connect(deps.database_url.as_deref(), &deps.default_sqlite_path).await?;
-    db.run_script(schema(db.url.starts_with("postgres"))).await?;
+    db.run_script(schema(db.url.starts_with("postgres")))
+        .await?;
     let state = EmailState {
         instance: deps.instance.clone(),
         db,

@@ -46,8 +46,8 @@ pub struct Notification {
     pub attempt: i64,
     /// Milliseconds from the publisher's send to this consumer's commit.
     pub latency_ms: Option<i64>,
-    /// Milliseconds this consumer spent on it, from delivery to commit.
-    pub processing_ms: i64,
+    /// Microseconds this consumer spent on it, from delivery to commit.
+    pub processing_us: i64,
 }
 
 const SCHEMA: &[&str] = &[
@@ -58,7 +58,7 @@ const SCHEMA: &[&str] = &[
         text TEXT NOT NULL,
         attempt BIGINT NOT NULL,
         latency_ms BIGINT,
-        processing_ms BIGINT NOT NULL,
+        processing_us BIGINT NOT NULL,
         stored_at BIGINT NOT NULL
     )",
     "CREATE INDEX IF NOT EXISTS notifications_by_user ON notifications (user_id)",
@@ -369,7 +369,7 @@ impl Consumer {
         let text = format!("Email {} to you was {}", event.email_id, event.status);
         let inserted = sqlx::query(
             "INSERT INTO notifications
-                (message_id, email_id, user_id, text, attempt, latency_ms, processing_ms, stored_at)
+                (message_id, email_id, user_id, text, attempt, latency_ms, processing_us, stored_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
              ON CONFLICT (message_id) DO NOTHING",
         )
@@ -379,7 +379,7 @@ impl Consumer {
         .bind(&text)
         .bind(i64::from(delivery.attempt))
         .bind(latency_ms)
-        .bind(started.elapsed().as_millis() as i64)
+        .bind(started.elapsed().as_micros() as i64)
         .bind(now as i64)
         .execute(&self.state.db.pool)
         .await
@@ -390,9 +390,7 @@ impl Consumer {
             ))
         })?;
         if let Some(latency_ms) = latency_ms {
-            self.metrics
-                .end_to_end
-                .observe(latency_ms as f64 / 1000.0);
+            self.metrics.end_to_end.observe(latency_ms as f64 / 1000.0);
         }
         Ok(inserted.rows_affected() == 1)
     }
@@ -434,7 +432,7 @@ async fn list_notifications(
         .parse()
         .map_err(|_| bad_request(format!("userId must be an integer, not {raw:?}")))?;
     let rows = sqlx::query(
-        "SELECT message_id, email_id, user_id, text, attempt, latency_ms, processing_ms
+        "SELECT message_id, email_id, user_id, text, attempt, latency_ms, processing_us
          FROM notifications
          WHERE user_id = $1 ORDER BY stored_at, message_id",
     )
@@ -459,7 +457,7 @@ async fn list_notifications(
                 text: row.try_get("text")?,
                 attempt: row.try_get("attempt")?,
                 latency_ms: row.try_get("latency_ms")?,
-                processing_ms: row.try_get("processing_ms")?,
+                processing_us: row.try_get("processing_us")?,
             })
         })
         .collect::<Result<Vec<_>, sqlx::Error>>()

@@ -30,6 +30,12 @@ pub fn test_topology() -> Topology {
     topology.discovery.expiry_ms = 1000;
     topology.load_balancer.listen = any;
     topology.load_balancer.health_check_interval_ms = 200;
+    topology.broker.listen = any;
+    // Quick retries, so a failing message reaches the dead-letter queue in well under a second.
+    let policy = &mut topology.messaging.notification_queue.policy;
+    policy.max_attempts = 3;
+    policy.initial_backoff_ms = 100;
+    policy.max_backoff_ms = 400;
     topology.client.attempt_timeout_ms = 1000;
     topology.client.deadline_ms = 3000;
     topology.client.endpoint_backoff_ms = 2000;
