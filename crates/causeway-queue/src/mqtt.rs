@@ -6,17 +6,39 @@
 //! `causeway/queues/q.dlq`. Each has one durable consumer *session*: client id `causeway-q/<queue>`
 //! (derived from the queue name alone: [`ConnectOptions::client_name`] is unique per process, so
 //! it cannot name a session that must outlive a restart and be shared with whoever declared the
-//! queue), `clean_start=false`, a session expiry of 7 days, and a QoS 1 subscription to the topic.
-//! The broker stores messages for a session only once its subscription exists, so `declare`
-//! connects as the session, subscribes and disconnects. A consumer resumes that session with
+//! queue), `clean_start=false`, a session that never expires (it lives as long as the queue's
+//! marker, below) and a QoS 1 subscription to the topic. A consumer resumes that session with
 //! manual acks and `receive_maximum` = prefetch; it acks (PUBACK) only when [`Delivery::ack`] or
 //! a settle that replaced the message is done. Only one consumer per queue can hold a session at a
 //! time (a second connection with the same client id takes it over).
 //!
-//! Publishing is QoS 1 on a connection of its own; `publish` returns once the PUBACK of that
-//! packet arrived (packet ids are matched to publishes in the order the event loop sends them).
-//! A PUBACK "no matching subscribers" means nobody declared the queue: `NoSuchQueue`. Headers
-//! travel as MQTT 5 user properties.
+//! # Declaring: a retained marker
+//!
+//! The broker stores messages for a session only once its subscription exists, so the session must
+//! be created before anyone publishes. But every service declares its queues on connecting,
+//! publishers included, and connecting as `causeway-q/<queue>` while a consumer holds that session
+//! would take it over: the consumer is disconnected and its unacked messages come back with DUP.
+//! So the session is created once and then marked: a retained message on
+//! `causeway/declared/<queue>`. `declare` opens a connection of its own (unique client id, clean
+//! start), subscribes to the markers of the queue and its dead-letter queue, and collects the
+//! retained markers the broker sends right behind the SUBACK (waiting 300 ms at most). A
+//! marked queue is left alone. An unmarked one gets its session (connect as it, subscribe,
+//! disconnect; nothing is queued for a session that does not exist yet), then its marker (QoS 1,
+//! after the PUBACK). `delete` clears the markers (empty retained payloads) before it ends the
+//! sessions, so an interrupted delete leaves unmarked sessions (recreated by the next declare),
+//! never marked queues without sessions.
+//!
+//! The race: two declarers that check at the same moment both find no marker and both create the
+//! session. That is harmless: no marker means no declare has finished, and services declare before
+//! they consume or publish, so no consumer holds the session yet and nothing was published to it;
+//! the second connection may take over the first declarer's, which counts that as done (whoever
+//! took over subscribes too). Both then write the same marker. The check is narrowed to that
+//! moment: a declarer stays subscribed to the markers and looks again right before connecting as
+//! the session, so a marker written while it waited for retained ones stops it. A consumer that subscribes without
+//! ever declaring creates the session unmarked; the first declare then takes it over once. The same
+//! holds for sessions made before markers existed. Markers and sessions persist (or not) together
+//! with the broker's persistence; a broker option that expires sessions on its own
+//! (`persistent_client_expiration`) would leave markers without sessions, so leave it unset.
 //!
 //! # Backends compared
 //!
@@ -40,8 +62,8 @@
 //!   over from any consumer holding it.
 //! - **Broker limits apply.** Mosquitto keeps at most `max_queued_messages` (default 1000) per
 //!   session and drops QoS 1 messages beyond that; size it for the expected backlog.
-//! - `delete` ends both sessions (connect with `clean_start=true` and expiry 0); messages in them
-//!   are discarded.
+//! - `delete` clears both markers and ends both sessions (connect with `clean_start=true` and
+//!   expiry 0); messages in them are discarded.
 //!
 //! | | embedded | AMQP | MQTT (this) |
 //! |---|---|---|---|
@@ -52,7 +74,7 @@
 //! | counts in `list` | all | ready, consumers, delayed | none |
 //! | peek | yes | yes (counts as a delivery) | no |
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
@@ -61,9 +83,10 @@ use bytes::Bytes;
 use rumqttc::Outgoing;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{
-    Packet, PubAckReason, Publish, PublishProperties, SubscribeReasonCode,
+    DisconnectReasonCode, Filter, Packet, PubAckReason, Publish, PublishProperties,
+    SubscribeReasonCode,
 };
-use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, StateError};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
@@ -75,16 +98,26 @@ use crate::{
 };
 
 const KIND: BackendKind = BackendKind::Mqtt;
-/// How long the broker keeps a consumer session (and its messages) while nobody is connected.
-const SESSION_EXPIRY_SECS: u32 = 7 * 24 * 3600;
+/// A consumer session never expires (MQTT 5: `u32::MAX`): it must live exactly as long as the
+/// queue's retained declaration marker, which does not expire either, until `delete` ends both.
+const SESSION_EXPIRY_SECS: u32 = u32::MAX;
 /// Larger than any payload a queue policy sensibly allows, plus headers.
 const MAX_PACKET_BYTES: u32 = 16 * 1024 * 1024;
 /// How long `redrive` waits for the next dead letter before it considers the session drained.
 const REDRIVE_QUIET: Duration = Duration::from_millis(500);
+/// How long `declare` waits after its SUBACK for retained markers (sent right behind the SUBACK).
+const MARKER_WAIT: Duration = Duration::from_millis(300);
 
 /// The topic of `queue`.
 pub fn topic(queue: &str) -> String {
     format!("causeway/queues/{queue}")
+}
+
+const MARKER_PREFIX: &str = "causeway/declared/";
+
+/// The topic of `queue`'s retained declaration marker.
+fn marker_topic(queue: &str) -> String {
+    format!("{MARKER_PREFIX}{queue}")
 }
 
 /// The client id of `queue`'s durable consumer session.
@@ -193,11 +226,64 @@ impl MqttBackend {
         Ok((session, receiver))
     }
 
-    /// Creates (or keeps) `queue`'s durable session with its subscription.
-    async fn declare_session(&self, queue: &str) -> Result<(), QueueError> {
-        let (session, _events) = self.open_session(queue, 1).await?;
-        session.close().await;
-        Ok(())
+    /// Declares `queues` (a queue and its dead-letter queue): creates the session of each that has
+    /// no retained marker yet, then marks it. A marked queue's session is left alone, since
+    /// connecting as it would take it over from its consumer.
+    async fn declare_sessions(&self, queues: &[String]) -> Result<(), QueueError> {
+        let mut markers = MarkerConnection::open(self).await?;
+        let result = async {
+            markers.watch(queues).await?;
+            for queue in queues {
+                // Checked again right before connecting as the session: a concurrent declarer
+                // may have marked it (and its service begun consuming) while this one waited.
+                if markers.is_marked(queue)? {
+                    continue;
+                }
+                self.create_session(queue).await?;
+                let marker = format!("{{\"queue\":\"{queue}\",\"declared_ms\":{}}}", now_millis());
+                markers.publish(&marker_topic(queue), marker.into()).await?;
+            }
+            Ok(())
+        }
+        .await;
+        markers.close().await;
+        result
+    }
+
+    /// Creates `queue`'s durable session with its subscription, then disconnects. Only called for
+    /// an unmarked queue, whose session does not exist yet and so holds no messages; the receive
+    /// maximum of 1 and manual acks keep anything unexpected in the session, unacked.
+    async fn create_session(&self, queue: &str) -> Result<(), QueueError> {
+        let mqtt = self.session_options(queue, false, 1);
+        let (client, mut eventloop) = AsyncClient::new(mqtt, 16);
+        let created = tokio::time::timeout(self.options.connect_timeout, async {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        client
+                            .subscribe(topic(queue), QoS::AtLeastOnce)
+                            .await
+                            .map_err(disconnected)?;
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(suback))) => {
+                        granted(&suback.return_codes)?;
+                        client.disconnect().await.map_err(disconnected)?;
+                    }
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) => return Ok(()),
+                    Ok(_) => {}
+                    // A concurrent declarer (or a consumer) connected as the session: it subscribes
+                    // on connecting, so the session exists with its subscription either way.
+                    Err(err) if taken_over(&err) => return Ok(()),
+                    Err(err) => return Err(disconnected(err)),
+                }
+            }
+        })
+        .await;
+        created.unwrap_or_else(|_| {
+            Err(disconnected(format!(
+                "creating the session of {queue} timed out"
+            )))
+        })
     }
 
     /// Ends `queue`'s session and discards what it held.
@@ -222,6 +308,191 @@ impl MqttBackend {
                 "ending the session of {queue} timed out"
             )))
         })
+    }
+}
+
+/// Whether the broker ended the connection because another one took its client id over.
+fn taken_over(err: &ConnectionError) -> bool {
+    matches!(
+        err,
+        ConnectionError::MqttState(StateError::ServerDisconnect {
+            reason_code: DisconnectReasonCode::SessionTakenOver,
+            ..
+        })
+    )
+}
+
+fn granted(codes: &[SubscribeReasonCode]) -> Result<(), QueueError> {
+    if codes
+        .iter()
+        .all(|code| matches!(code, SubscribeReasonCode::Success(_)))
+    {
+        Ok(())
+    } else {
+        Err(disconnected(format!("subscription refused: {codes:?}")))
+    }
+}
+
+/// A short-lived connection of its own (unique client id, clean start) that reads and writes the
+/// declaration markers. Its event loop runs in a task, so that waiting for an event with a timeout
+/// never cancels a poll.
+struct MarkerConnection {
+    client: AsyncClient,
+    events: mpsc::UnboundedReceiver<Result<Event, String>>,
+    /// Queues whose marker arrived: retained at subscribing, or live from a concurrent declarer.
+    marked: HashSet<String>,
+    task: JoinHandle<()>,
+    timeout: Duration,
+}
+
+impl Drop for MarkerConnection {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The queue a non-empty marker names (an empty one clears a marker).
+fn marked_queue(event: &Event) -> Option<String> {
+    let Event::Incoming(Packet::Publish(publish)) = event else {
+        return None;
+    };
+    if publish.payload.is_empty() {
+        return None;
+    }
+    let topic = std::str::from_utf8(&publish.topic).ok()?;
+    topic.strip_prefix(MARKER_PREFIX).map(str::to_string)
+}
+
+impl MarkerConnection {
+    async fn open(backend: &MqttBackend) -> Result<Self, QueueError> {
+        let client_id = format!(
+            "{}-declare-{:08x}",
+            backend.options.client_name,
+            rand::random::<u32>()
+        );
+        let mqtt = mqtt_options(&backend.host, backend.port, client_id, &backend.options);
+        let (client, mut eventloop) = AsyncClient::new(mqtt, 16);
+        let (sender, events) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            loop {
+                let event = eventloop.poll().await.map_err(|err| err.to_string());
+                let failed = event.is_err();
+                if sender.send(event).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        let mut connection = Self {
+            client,
+            events,
+            marked: HashSet::new(),
+            task,
+            timeout: backend.options.connect_timeout,
+        };
+        connection
+            .until("connecting", |event| {
+                matches!(event, Event::Incoming(Packet::ConnAck(_))).then_some(Ok(()))
+            })
+            .await?;
+        Ok(connection)
+    }
+
+    fn note(&mut self, event: Result<Event, String>) -> Result<Event, QueueError> {
+        let event = event.map_err(disconnected)?;
+        self.marked.extend(marked_queue(&event));
+        Ok(event)
+    }
+
+    /// Waits (up to the connect timeout) for the event `wanted` picks, noting markers meanwhile.
+    async fn until<T>(
+        &mut self,
+        what: &str,
+        mut wanted: impl FnMut(Event) -> Option<Result<T, QueueError>>,
+    ) -> Result<T, QueueError> {
+        let waited = tokio::time::timeout(self.timeout, async {
+            loop {
+                let event = self.events.recv().await;
+                let event =
+                    self.note(event.unwrap_or_else(|| Err("the event loop ended".into())))?;
+                if let Some(result) = wanted(event) {
+                    return result;
+                }
+            }
+        })
+        .await;
+        waited.unwrap_or_else(|_| Err(disconnected(format!("{what} timed out"))))
+    }
+
+    /// Subscribes to the markers of `queues` and collects the retained ones, which the broker
+    /// sends right behind the SUBACK; stays subscribed so that markers written meanwhile by a
+    /// concurrent declarer arrive too.
+    async fn watch(&mut self, queues: &[String]) -> Result<(), QueueError> {
+        let filters = queues
+            .iter()
+            .map(|queue| Filter::new(marker_topic(queue), QoS::AtLeastOnce));
+        self.client
+            .subscribe_many(filters)
+            .await
+            .map_err(disconnected)?;
+        self.until(
+            "subscribing to the declaration markers",
+            |event| match event {
+                Event::Incoming(Packet::SubAck(suback)) => Some(granted(&suback.return_codes)),
+                _ => None,
+            },
+        )
+        .await?;
+        let deadline = tokio::time::Instant::now() + MARKER_WAIT;
+        while !queues.iter().all(|queue| self.marked.contains(queue)) {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(event) => {
+                    self.note(event.unwrap_or_else(|| Err("the event loop ended".into())))?;
+                }
+                Err(_) => break,
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `queue`'s marker arrived (by now: events already received are looked at first).
+    fn is_marked(&mut self, queue: &str) -> Result<bool, QueueError> {
+        while let Ok(event) = self.events.try_recv() {
+            self.note(event)?;
+        }
+        Ok(self.marked.contains(queue))
+    }
+
+    /// Publishes a retained marker (an empty payload clears it) and waits for its PUBACK.
+    async fn publish(&mut self, topic: &str, payload: Bytes) -> Result<(), QueueError> {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, true, payload)
+            .await
+            .map_err(disconnected)?;
+        // One publish at a time: the next PUBACK is its answer.
+        self.until("publishing a declaration marker", |event| match event {
+            Event::Incoming(Packet::PubAck(puback)) => Some(match puback.reason {
+                // Retained either way: "no matching subscribers" only says nobody listens now.
+                PubAckReason::Success | PubAckReason::NoMatchingSubscribers => Ok(()),
+                reason => Err(disconnected(format!(
+                    "declaration marker {topic} refused: PUBACK {reason:?}"
+                ))),
+            }),
+            _ => None,
+        })
+        .await
+    }
+
+    async fn close(mut self) {
+        let _ = self.client.disconnect().await;
+        // Let the DISCONNECT go out before the task is aborted on drop.
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Some(Ok(event)) = self.events.recv().await {
+                if matches!(event, Event::Outgoing(Outgoing::Disconnect)) {
+                    return;
+                }
+            }
+        })
+        .await;
     }
 }
 
@@ -577,8 +848,8 @@ impl QueueBackend for MqttBackend {
 
     async fn declare(&self, spec: &QueueSpec) -> Result<(), QueueError> {
         validate_queue_name(&spec.name)?;
-        self.declare_session(&spec.name).await?;
-        self.declare_session(&spec.dead_letter_queue()).await
+        self.declare_sessions(&[spec.name.clone(), spec.dead_letter_queue()])
+            .await
     }
 
     async fn publish_validated(
@@ -673,8 +944,23 @@ impl QueueBackend for MqttBackend {
     }
 
     async fn delete(&self, spec: &QueueSpec) -> Result<(), QueueError> {
-        self.end_session(&spec.name).await?;
-        self.end_session(&spec.dead_letter_queue()).await
+        // Markers first: a delete cut short then leaves sessions without markers, which the next
+        // declare recreates, never markers without sessions, which no declare would repair.
+        let queues = [spec.name.clone(), spec.dead_letter_queue()];
+        let mut markers = MarkerConnection::open(self).await?;
+        let mut cleared = Ok(());
+        for queue in &queues {
+            cleared = markers.publish(&marker_topic(queue), Bytes::new()).await;
+            if cleared.is_err() {
+                break;
+            }
+        }
+        markers.close().await;
+        cleared?;
+        for queue in &queues {
+            self.end_session(queue).await?;
+        }
+        Ok(())
     }
 }
 

@@ -413,3 +413,52 @@ async fn mqtt_peek_list_and_missing_queues() {
         .expect_err("deleted");
     assert!(matches!(err, QueueError::NoSuchQueue(_)), "{err}");
 }
+
+/// MQTT only: a second process declaring a queue that is being consumed leaves the consumer's
+/// session alone (no takeover, no redelivery), and a deleted queue can be declared anew.
+#[tokio::test]
+async fn mqtt_declare_leaves_a_live_consumer_alone() {
+    let Some(consumer) = backend(MQTT, "mqtt_declare_consumer").await else {
+        return;
+    };
+    let Some(other) = backend(MQTT, "mqtt_declare_other").await else {
+        return;
+    };
+    let spec = unique_spec("live", QueuePolicy::default());
+    consumer.declare(&spec).await.expect("declare");
+    let mut subscription = consumer.subscribe(&spec, 4).await.expect("subscribe");
+    other
+        .declare(&spec)
+        .await
+        .expect("declare from another process");
+    for n in 1..=2 {
+        let id = publish(&*other, &spec, n).await;
+        let delivery = next(&mut subscription).await;
+        assert_eq!(delivery.message_id, id);
+        assert_eq!(number(&delivery), u64::from(n));
+        assert_eq!(delivery.attempt, 1, "the consumer was not taken over");
+        assert!(!delivery.redelivered);
+        delivery.ack().await.expect("ack");
+    }
+    assert_empty(&mut subscription).await;
+    drop(subscription);
+    other.delete(&spec).await.expect("delete");
+    let err = other
+        .publish(&spec, OutgoingMessage::new(&b"{}"[..]))
+        .await
+        .expect_err("deleted");
+    assert!(matches!(err, QueueError::NoSuchQueue(_)), "{err}");
+
+    // The markers went with the queue: declaring again creates both sessions anew.
+    other.declare(&spec).await.expect("declare after delete");
+    let id = publish(&*other, &spec, 3).await;
+    let dlq = QueueSpec::new(spec.dead_letter_queue(), QueuePolicy::default());
+    publish(&*other, &dlq, 4).await;
+    let mut again = consumer.subscribe(&spec, 4).await.expect("subscribe");
+    let delivery = next(&mut again).await;
+    assert_eq!(delivery.message_id, id);
+    assert_eq!(delivery.attempt, 1);
+    delivery.ack().await.expect("ack");
+    drop(again);
+    consumer.delete(&spec).await.expect("delete");
+}
