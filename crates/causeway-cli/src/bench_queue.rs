@@ -1,6 +1,6 @@
 //! `causeway bench queue`: the same workload through every broker reachable from this machine, in
 //! one run: Causeway's embedded broker (started here, in-process, on a fresh directory with fsync
-//! on), RabbitMQ (a quorum queue: replicated log, fsync before confirm) and an MQTT broker at
+//! on), RabbitMQ (a durable classic queue: persistent messages, written before the confirm) and an MQTT broker at
 //! QoS 1. Publishers send 1 KiB persistent JSON messages and wait for each confirm, `concurrency`
 //! of them in flight; one consumer with a prefetch window acks every message after receiving it.
 //! Reported: messages consumed per second, publish-to-confirm and publish-to-delivery latency.
@@ -57,7 +57,7 @@ pub async fn run(options: &QueueBenchOptions) -> anyhow::Result<String> {
     drop(local);
 
     for (name, url) in [
-        ("RabbitMQ quorum queue", &options.amqp_url),
+        ("RabbitMQ durable queue", &options.amqp_url),
         ("MQTT QoS 1", &options.mqtt_url),
     ] {
         let target = BrokerTarget::parse(url)?;

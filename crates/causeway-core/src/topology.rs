@@ -586,6 +586,22 @@ mod tests {
         topology.validate().unwrap();
     }
 
+    /// The README's example topology is a valid file that states the defaults.
+    #[test]
+    fn the_readme_example_is_valid_and_shows_the_defaults() {
+        let readme = include_str!("../../../README.md");
+        let example = readme
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("the README has a toml example");
+        let topology = Topology::parse(example).expect("the README's example parses");
+        topology.validate().expect("the README's example is valid");
+        assert_eq!(topology.broker, BrokerConfig::default());
+        assert_eq!(topology.messaging, MessagingConfig::default());
+        assert_eq!(topology.client, Topology::default().client);
+    }
+
     #[test]
     fn toml_round_trips() {
         let mut topology = Topology::default();

@@ -385,12 +385,26 @@ impl QueueBackend for EmbeddedBackend {
                             let _ = deliveries.send(Ok(delivery));
                         }
                         pb::consume_response::Event::Settled(settled) => {
-                            if let Some(waiter) = take_waiter(&reader_settles, settled.tag) {
-                                let result = match settled.error {
-                                    None => Ok(()),
-                                    Some(error) => Err(from_operation_error(error, &queue)),
-                                };
-                                let _ = waiter.send(result);
+                            let result = match settled.error {
+                                None => Ok(()),
+                                Some(error) => Err(from_operation_error(error, &queue)),
+                            };
+                            match take_waiter(&reader_settles, settled.tag) {
+                                Some(waiter) => {
+                                    let _ = waiter.send(result);
+                                }
+                                // An ack nobody waits for (see `EmbeddedSettle::ack`).
+                                None => {
+                                    if let Err(err) = result {
+                                        tracing::warn!(
+                                            event = "queue.ack_failed",
+                                            queue = %queue,
+                                            tag = settled.tag,
+                                            error = %err,
+                                            "the broker did not record an ack; the message will be delivered again"
+                                        );
+                                    }
+                                }
                             }
                         }
                     },
@@ -556,8 +570,19 @@ impl EmbeddedSettle {
 
 #[async_trait]
 impl Settle for EmbeddedSettle {
+    /// Sends the ack without waiting for the broker's commit, as AMQP's `basic.ack` does: a
+    /// consumer that awaited each ack could settle only one message per commit. An ack lost to a
+    /// crash costs a duplicate delivery, never a message (delivery is at least once anyway).
     async fn ack(self: Box<Self>) -> Result<(), QueueError> {
-        self.send(pb::settle_command::Action::Ack(pb::Ack {})).await
+        let command = pb::ConsumeRequest {
+            command: Some(pb::consume_request::Command::Settle(pb::SettleCommand {
+                tag: self.tag,
+                action: Some(pb::settle_command::Action::Ack(pb::Ack {})),
+            })),
+        };
+        self.commands.send(command).map_err(|_| {
+            disconnected("the subscription ended before the ack was sent; the message will be delivered again")
+        })
     }
 
     async fn redeliver(

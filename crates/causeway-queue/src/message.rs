@@ -100,7 +100,8 @@ pub struct PeekedMessage {
 /// The primitives a backend provides to settle one delivery. [`Delivery`] decides which to call.
 #[async_trait]
 pub trait Settle: Send + Sync {
-    /// Done: remove the message.
+    /// Done: remove the message. May return once the ack is sent rather than recorded (as
+    /// AMQP's `basic.ack`); an ack lost on the way means one more delivery of the message.
     async fn ack(self: Box<Self>) -> Result<(), QueueError>;
     /// Deliver the message again after `delay`, as delivery `next_attempt`.
     async fn redeliver(
@@ -183,7 +184,8 @@ impl Delivery {
         self.headers.get(name).map(String::as_str)
     }
 
-    /// Processing succeeded; the broker forgets the message.
+    /// Processing succeeded; the broker forgets the message. Delivery is at least once: an ack
+    /// lost to a crash or a broken connection means the message is delivered again.
     pub async fn ack(self) -> Result<(), QueueError> {
         self.settle.ack().await
     }
