@@ -3,6 +3,7 @@
 //! the integration tests.
 
 pub mod bench;
+pub mod bench_proxy;
 pub mod bench_queue;
 pub mod component;
 pub mod demo;

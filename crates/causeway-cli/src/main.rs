@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use causeway_cli::{
-    bench, bench_queue, component, demo, demo_grpc, demo_queue, queue, status, supervisor,
+    bench, bench_proxy, bench_queue, component, demo, demo_grpc, demo_queue, queue, status, supervisor,
 };
 use causeway_core::{DataDir, Topology};
 use clap::{Parser, Subcommand};
@@ -123,6 +123,28 @@ enum QueueAction {
 
 #[derive(Subcommand)]
 enum BenchTarget {
+    /// Causeway's reverse proxy vs nginx in front of one upstream, measured with wrk.
+    Proxy {
+        /// nginx worker processes and Causeway runtime worker threads alike.
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
+        /// Connections of the throughput round (a second round uses one).
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
+        /// Size of the upstream's answer.
+        #[arg(long, default_value_t = 1024)]
+        body_bytes: usize,
+        /// Access logs on in both proxies (to files) instead of off in both.
+        #[arg(long)]
+        access_log: bool,
+        #[arg(long, default_value = "/usr/sbin/nginx")]
+        nginx: PathBuf,
+        #[arg(long, default_value = "/usr/bin/wrk")]
+        wrk: PathBuf,
+        /// Internal: serve the gateway in front of this upstream (the benchmark's child).
+        #[arg(long, hide = true)]
+        serve_upstream: Option<SocketAddr>,
+    },
     /// gRPC unary vs REST/JSON (HTTP/1.1, HTTP/2), Pricing Service vs bare tonic, streaming.
     Grpc,
     /// Publish+consume through the embedded broker, RabbitMQ and MQTT: msgs/s and latency.
@@ -263,6 +285,38 @@ fn run(command: Command, mut topology: Topology) -> anyhow::Result<ExitCode> {
                 .context("cannot start the async runtime")?;
             let report = runtime.block_on(bench_queue::run(&options))?;
             print!("{report}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            target:
+                BenchTarget::Proxy {
+                    workers,
+                    connections,
+                    body_bytes,
+                    access_log,
+                    nginx,
+                    wrk,
+                    serve_upstream,
+                },
+            seconds,
+            warmup,
+            ..
+        } => {
+            if let Some(upstream) = serve_upstream {
+                bench_proxy::serve_proxy(upstream, workers, &topology.data_dir, access_log)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let options = bench_proxy::ProxyBenchOptions {
+                workers: workers.max(1),
+                connections: connections.max(1),
+                duration: std::time::Duration::from_secs(seconds.max(1)),
+                warmup: std::time::Duration::from_secs(warmup),
+                body_bytes,
+                access_log,
+                nginx,
+                wrk,
+            };
+            print!("{}", bench_proxy::run(&options)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {

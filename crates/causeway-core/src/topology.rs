@@ -234,24 +234,28 @@ impl Default for ReverseProxyConfig {
                     service: Role::UserService.name().into(),
                     strip_prefix: Some("/api".into()),
                     auth: true,
+                    upstream: None,
                 },
                 RouteConfig {
                     prefix: "/api/inventory/".into(),
                     service: Role::InventoryService.name().into(),
                     strip_prefix: Some("/api".into()),
                     auth: true,
+                    upstream: None,
                 },
                 RouteConfig {
                     prefix: "/api/emails".into(),
                     service: Role::EmailService.name().into(),
                     strip_prefix: Some("/api".into()),
                     auth: true,
+                    upstream: None,
                 },
                 RouteConfig {
                     prefix: "/api/notifications".into(),
                     service: Role::NotificationService.name().into(),
                     strip_prefix: Some("/api".into()),
                     auth: true,
+                    upstream: None,
                 },
                 // gRPC through the edge: HTTP/2 end to end, streamed, trailers intact.
                 RouteConfig {
@@ -259,6 +263,7 @@ impl Default for ReverseProxyConfig {
                     service: Role::PricingService.name().into(),
                     strip_prefix: None,
                     auth: true,
+                    upstream: None,
                 },
             ],
         }
@@ -306,13 +311,54 @@ impl Default for RateLimitConfig {
 pub struct RouteConfig {
     /// Requests whose path starts with this go to `service`; the longest prefix wins.
     pub prefix: String,
+    /// The service (found through discovery) that serves the route; unused with `upstream`.
+    #[serde(default)]
     pub service: String,
     /// Removed from the path before forwarding.
     #[serde(default)]
     pub strip_prefix: Option<String>,
-    /// Whether a valid JWT is required.
+    /// Whether a valid JWT is required (`auth = false` makes the route public).
     #[serde(default = "yes")]
     pub auth: bool,
+    /// Fixed upstream addresses over plain HTTP instead of a discovered service, e.g.
+    /// `upstream = { addrs = ["127.0.0.1:9000"], protocol = "http1" }`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<StaticUpstream>,
+}
+
+/// Upstreams outside discovery, reached over plain HTTP through a pool of kept-alive
+/// connections; requests take the addresses in turn.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticUpstream {
+    pub addrs: Vec<SocketAddr>,
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+    /// Idle pooled connections are closed after this long.
+    #[serde(default = "default_pool_idle_timeout_ms")]
+    pub pool_idle_timeout_ms: u64,
+    /// At most this many idle connections are kept per address.
+    #[serde(default = "default_pool_max_idle")]
+    pub pool_max_idle_per_addr: usize,
+}
+
+/// How a static upstream is spoken to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 with keep-alive, one request per connection at a time.
+    #[default]
+    Http1,
+    /// HTTP/2 without TLS (prior knowledge), requests multiplexed on one connection.
+    H2c,
+}
+
+fn default_pool_idle_timeout_ms() -> u64 {
+    90_000
+}
+
+fn default_pool_max_idle() -> usize {
+    256
 }
 
 fn yes() -> bool {
@@ -538,11 +584,21 @@ impl Topology {
                     route.prefix
                 ));
             }
-            if !is_dns_label(&route.service) {
-                return invalid(format!(
-                    "route {:?}: {:?} is not a service name",
-                    route.prefix, route.service
-                ));
+            match &route.upstream {
+                Some(upstream) if upstream.addrs.is_empty() => {
+                    return invalid(format!(
+                        "route {:?}: upstream.addrs must name at least one address",
+                        route.prefix
+                    ));
+                }
+                Some(_) => {}
+                None if !is_dns_label(&route.service) => {
+                    return invalid(format!(
+                        "route {:?}: {:?} is not a service name",
+                        route.prefix, route.service
+                    ));
+                }
+                None => {}
             }
             if let Some(strip) = &route.strip_prefix
                 && !route.prefix.starts_with(strip.as_str())
@@ -629,6 +685,28 @@ mod tests {
         assert!(err.contains("instanses"), "{err}");
         let err = Topology::parse("[load_balancer]\nlisten = \"not an address\"\n").unwrap_err();
         assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn routes_take_static_upstreams_with_defaults() {
+        let text = "[reverse_proxy]\n[[reverse_proxy.routes]]\nprefix = \"/\"\nauth = false\n\
+                    upstream = { addrs = [\"127.0.0.1:9000\"], protocol = \"h2c\" }\n";
+        let topology = Topology::parse(text).unwrap();
+        topology.validate().unwrap();
+        let upstream = topology.reverse_proxy.routes[0].upstream.as_ref().unwrap();
+        assert_eq!(upstream.protocol, UpstreamProtocol::H2c);
+        assert_eq!(upstream.pool_max_idle_per_addr, default_pool_max_idle());
+        assert_eq!(
+            Topology::parse(&topology.to_toml().unwrap()).unwrap(),
+            topology
+        );
+
+        let mut topology = topology;
+        if let Some(upstream) = topology.reverse_proxy.routes[0].upstream.as_mut() {
+            upstream.addrs.clear();
+        }
+        let err = topology.validate().unwrap_err().to_string();
+        assert!(err.contains("upstream.addrs"), "{err}");
     }
 
     #[test]

@@ -3,9 +3,12 @@
 //! library (discovery, balancing, retries), and the answer streamed back with the hop's
 //! `Server-Timing` entry, request id and access log line.
 
-use std::net::SocketAddr;
+use std::borrow::Cow;
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -13,15 +16,19 @@ use causeway_client::{CallError, CallOptions, ServiceClient};
 use causeway_core::serve::{BoxError, error_response};
 use causeway_core::server_timing::{self, TimingEntry, steps};
 use causeway_core::telemetry::HttpMetrics;
-use causeway_core::topology::{ReverseProxyConfig, RouteConfig};
-use causeway_core::trace_context::{REQUEST_ID, TraceContext};
+use causeway_core::topology::{ReverseProxyConfig, RouteConfig, StaticUpstream, UpstreamProtocol};
+use causeway_core::trace_context::{REQUEST_ID, TRACEPARENT, TraceContext};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use http::header::{self, HeaderName, HeaderValue};
-use http::{HeaderMap, Request, Response, StatusCode};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderMap, Request, Response, StatusCode, Uri};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::auth::{AuthError, Verifier};
 
@@ -33,7 +40,7 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Hop-by-hop headers of a response, not passed on (RFC 9110 §7.6.1).
+/// Hop-by-hop headers, not passed on in either direction (RFC 9110 §7.6.1).
 const HOP_BY_HOP: [HeaderName; 5] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -44,19 +51,117 @@ const HOP_BY_HOP: [HeaderName; 5] = [
 
 pub struct Gateway {
     instance: String,
-    routes: Vec<RouteConfig>,
+    routes: Vec<Route>,
     verifier: Verifier,
-    limiter: DefaultKeyedRateLimiter<String>,
+    limiter: DefaultKeyedRateLimiter<ClientKey>,
     client: Arc<ServiceClient>,
     metrics: HttpMetrics,
     max_body_bytes: usize,
     request_timeout: Duration,
+    /// Whether clients reach this gateway over plain HTTP (benchmarks, behind a TLS terminator).
+    plain_http: bool,
+}
+
+/// A route with what it forwards to.
+struct Route {
+    config: RouteConfig,
+    /// Set for routes to fixed addresses; the others go to their service through discovery.
+    upstream: Option<StaticPool>,
+}
+
+/// Rate-limit key: the token's subject, else the client's address (no string built per request).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum ClientKey {
+    Subject(String),
+    Ip(IpAddr),
 }
 
 enum Refusal {
     Status(StatusCode, &'static str, String),
     Unauthorized(AuthError),
     RateLimited(Duration),
+}
+
+/// Body of requests to static upstreams: streamed as it arrives, within the size limit.
+type StaticBody = Limited<Incoming>;
+
+/// Fixed upstream addresses behind a pooled keep-alive client.
+struct StaticPool {
+    client: Client<HttpConnector, StaticBody>,
+    picker: RoundRobin,
+    /// Per address, the Server-Timing description, formatted once.
+    details: Vec<String>,
+}
+
+/// Takes the addresses in turn. Kept trivial and on its own so that a real balancer can take
+/// its place without touching the forwarding path.
+struct RoundRobin {
+    authorities: Vec<Authority>,
+    next: AtomicUsize,
+}
+
+impl RoundRobin {
+    fn new(addrs: &[SocketAddr]) -> Self {
+        let authorities = addrs
+            .iter()
+            .filter_map(|addr| Authority::try_from(addr.to_string()).ok())
+            .collect();
+        Self {
+            authorities,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// The index and authority of the next address; `None` when there are none.
+    fn pick(&self) -> Option<(usize, &Authority)> {
+        let count = self.authorities.len();
+        if count == 0 {
+            return None;
+        }
+        let index = if count == 1 {
+            0
+        } else {
+            self.next.fetch_add(1, Ordering::Relaxed) % count
+        };
+        Some((index, &self.authorities[index]))
+    }
+}
+
+impl StaticPool {
+    fn new(
+        instance: &str,
+        prefix: &str,
+        upstream: &StaticUpstream,
+        connect_timeout: Duration,
+    ) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(connect_timeout));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_millis(upstream.pool_idle_timeout_ms))
+            .pool_max_idle_per_host(upstream.pool_max_idle_per_addr)
+            .http2_only(upstream.protocol == UpstreamProtocol::H2c)
+            .build(connector);
+        let protocol = match upstream.protocol {
+            UpstreamProtocol::Http1 => "HTTP/1.1",
+            UpstreamProtocol::H2c => "h2c",
+        };
+        let details = upstream
+            .addrs
+            .iter()
+            .map(|addr| {
+                escape_description(&format!(
+                    "{instance} routed {prefix} to {addr} over {protocol}"
+                ))
+            })
+            .collect();
+        Self {
+            client,
+            picker: RoundRobin::new(&upstream.addrs),
+            details,
+        }
+    }
 }
 
 impl Gateway {
@@ -67,9 +172,20 @@ impl Gateway {
         client: Arc<ServiceClient>,
         metrics: HttpMetrics,
     ) -> Self {
-        let mut routes = config.routes.clone();
+        let request_timeout = Duration::from_millis(config.request_timeout_ms);
+        let connect_timeout = request_timeout.min(Duration::from_secs(5));
+        let mut routes: Vec<Route> = config
+            .routes
+            .iter()
+            .map(|route| Route {
+                upstream: route.upstream.as_ref().map(|upstream| {
+                    StaticPool::new(&instance, &route.prefix, upstream, connect_timeout)
+                }),
+                config: route.clone(),
+            })
+            .collect();
         // Longest prefix first, so that the first match is the most specific.
-        routes.sort_by_key(|route| std::cmp::Reverse(route.prefix.len()));
+        routes.sort_by_key(|route| std::cmp::Reverse(route.config.prefix.len()));
         let per_second =
             NonZeroU32::new(config.rate_limit.requests_per_second).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(config.rate_limit.burst).unwrap_or(NonZeroU32::MIN);
@@ -81,8 +197,15 @@ impl Gateway {
             client,
             metrics,
             max_body_bytes: config.max_body_bytes,
-            request_timeout: Duration::from_millis(config.request_timeout_ms),
+            request_timeout,
+            plain_http: false,
         }
+    }
+
+    /// Marks the gateway as reached over plain HTTP (for `X-Forwarded-Proto` and Server-Timing).
+    pub fn serving_plain_http(mut self) -> Self {
+        self.plain_http = true;
+        self
     }
 
     /// Forgets rate-limit state of clients that have been quiet, so memory stays bounded.
@@ -93,29 +216,15 @@ impl Gateway {
 
     /// Buffers a request body up to the limit (so that it can be retried on another instance).
     async fn read_body(&self, headers: &HeaderMap, body: Incoming) -> Result<Bytes, Refusal> {
-        let too_large = || {
-            Refusal::Status(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                format!(
-                    "request bodies are limited to {} bytes",
-                    self.max_body_bytes
-                ),
-            )
-        };
-        let declared_length = headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.parse::<usize>().ok());
-        if declared_length.is_some_and(|length| length > self.max_body_bytes) {
-            return Err(too_large());
+        if declared_length(headers).is_some_and(|length| length > self.max_body_bytes) {
+            return Err(self.too_large());
         }
         Ok(Limited::new(body, self.max_body_bytes)
             .collect()
             .await
             .map_err(|err| {
                 if err.is::<http_body_util::LengthLimitError>() {
-                    too_large()
+                    self.too_large()
                 } else {
                     Refusal::Status(
                         StatusCode::BAD_REQUEST,
@@ -127,10 +236,21 @@ impl Gateway {
             .to_bytes())
     }
 
-    fn route(&self, path: &str) -> Option<&RouteConfig> {
+    fn route(&self, path: &str) -> Option<&Route> {
         self.routes
             .iter()
-            .find(|route| path.starts_with(&route.prefix))
+            .find(|route| path.starts_with(&route.config.prefix))
+    }
+
+    fn too_large(&self) -> Refusal {
+        Refusal::Status(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!(
+                "request bodies are limited to {} bytes",
+                self.max_body_bytes
+            ),
+        )
     }
 
     /// Handles one request from `peer`.
@@ -142,15 +262,14 @@ impl Gateway {
         let started = Instant::now();
         let trace = TraceContext::continue_from(request.headers());
         let method = request.method().clone();
-        let path = request.uri().path().to_string();
+        // Cheap: a URI's parts are reference-counted.
+        let uri = request.uri().clone();
         let version = request.version();
-        let route_name = self
-            .route(&path)
-            .map(|route| route.prefix.clone())
-            .unwrap_or_else(|| "unmatched".into());
+        let route = self.route(uri.path());
+        let route_name = route.map_or("unmatched", |route| route.config.prefix.as_str());
 
         let grpc = is_grpc(request.headers());
-        let (mut response, detail) = match self.forward(request, peer, &trace).await {
+        let (mut response, detail) = match self.forward(route, request, peer, &trace).await {
             Ok(forwarded) => forwarded,
             Err(refusal) => {
                 let response = if grpc {
@@ -158,7 +277,7 @@ impl Gateway {
                 } else {
                     refusal_response(refusal, &trace.request_id)
                 };
-                let detail = format!("{} refused the request", self.instance);
+                let detail = Cow::Owned(format!("{} refused the request", self.instance));
                 (response, detail)
             }
         };
@@ -167,22 +286,38 @@ impl Gateway {
         if let Ok(value) = HeaderValue::from_str(&trace.request_id) {
             headers.insert(REQUEST_ID, value);
         }
-        server_timing::append(
-            headers,
-            &TimingEntry::new(
-                steps::EDGE_PROXY,
-                elapsed,
-                format!("{detail}; client spoke {version:?} over TLS"),
+        let transport = if self.plain_http { "plain HTTP" } else { "TLS" };
+        match detail {
+            // Formatted once at start-up and already escaped: one write per request.
+            Cow::Borrowed(escaped) => {
+                let mut value = String::with_capacity(escaped.len() + 64);
+                let _ = write!(
+                    value,
+                    "{};dur={:.3};desc=\"{escaped}; client spoke {version:?} over {transport}\"",
+                    steps::EDGE_PROXY,
+                    elapsed.as_secs_f64() * 1000.0,
+                );
+                if let Ok(value) = HeaderValue::try_from(value) {
+                    headers.append(server_timing::SERVER_TIMING, value);
+                }
+            }
+            Cow::Owned(detail) => server_timing::append(
+                headers,
+                &TimingEntry::new(
+                    steps::EDGE_PROXY,
+                    elapsed,
+                    format!("{detail}; client spoke {version:?} over {transport}"),
+                ),
             ),
-        );
+        }
         let status = response.status().as_u16();
-        self.metrics.observe(&route_name, &method, status, elapsed);
+        self.metrics.observe(route_name, &method, status, elapsed);
         tracing::info!(
             request_id = %trace.request_id,
             trace_id = %trace.trace_id,
             client = %peer,
             %method,
-            %path,
+            path = uri.path(),
             status,
             elapsed_ms = elapsed.as_secs_f64() * 1000.0,
             "access"
@@ -190,22 +325,22 @@ impl Gateway {
         response
     }
 
-    async fn forward(
-        &self,
+    async fn forward<'a>(
+        &'a self,
+        route: Option<&'a Route>,
         request: Request<Incoming>,
         peer: SocketAddr,
         trace: &TraceContext,
-    ) -> Result<(Response<ProxyBody>, String), Refusal> {
-        let path = request.uri().path().to_string();
-        let route = self.route(&path).ok_or_else(|| {
+    ) -> Result<(Response<ProxyBody>, Cow<'a, str>), Refusal> {
+        let route = route.ok_or_else(|| {
             Refusal::Status(
                 StatusCode::NOT_FOUND,
                 "no_route",
-                format!("no route for {path}"),
+                format!("no route for {}", request.uri().path()),
             )
         })?;
 
-        let subject = if route.auth {
+        let subject = if route.config.auth {
             let claims = self
                 .verifier
                 .verify(
@@ -221,8 +356,8 @@ impl Gateway {
         };
 
         let client_key = match &subject {
-            Some(sub) => format!("sub:{sub}"),
-            None => format!("ip:{}", peer.ip()),
+            Some(sub) => ClientKey::Subject(sub.clone()),
+            None => ClientKey::Ip(peer.ip()),
         };
         if let Err(not_until) = self.limiter.check_key(&client_key) {
             return Err(Refusal::RateLimited(
@@ -230,7 +365,127 @@ impl Gateway {
             ));
         }
 
+        match &route.upstream {
+            Some(pool) => self
+                .forward_static(route, pool, request, peer, trace, subject)
+                .await
+                .map(|(response, detail)| (response, Cow::Borrowed(detail))),
+            None => self
+                .forward_to_service(&route.config, request, peer, trace, subject)
+                .await
+                .map(|(response, detail)| (response, Cow::Owned(detail))),
+        }
+    }
+
+    /// To a fixed address over plain HTTP: the request streamed through as it comes (no retries,
+    /// so nothing needs buffering), on a pooled keep-alive connection.
+    async fn forward_static<'a>(
+        &self,
+        route: &Route,
+        pool: &'a StaticPool,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+        trace: &TraceContext,
+        subject: Option<String>,
+    ) -> Result<(Response<ProxyBody>, &'a str), Refusal> {
+        let (index, authority) = pool.picker.pick().ok_or_else(|| {
+            Refusal::Status(
+                StatusCode::BAD_GATEWAY,
+                "no_upstream",
+                format!(
+                    "route {} has no usable upstream address",
+                    route.config.prefix
+                ),
+            )
+        })?;
+        let (mut parts, body) = request.into_parts();
+        if declared_length(&parts.headers).is_some_and(|length| length > self.max_body_bytes) {
+            return Err(self.too_large());
+        }
+        let path_and_query = match (&route.config.strip_prefix, parts.uri.path_and_query()) {
+            (None, Some(path_and_query)) => path_and_query.clone(),
+            _ => PathAndQuery::try_from(rewrite_path(&route.config, &parts.uri)).map_err(|_| {
+                Refusal::Status(
+                    StatusCode::BAD_REQUEST,
+                    "bad_path",
+                    format!("cannot forward {}", parts.uri.path()),
+                )
+            })?,
+        };
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(Scheme::HTTP);
+        uri.authority = Some(authority.clone());
+        uri.path_and_query = Some(path_and_query);
+        let original_authority = parts.uri.authority().cloned();
+        parts.uri = Uri::from_parts(uri)
+            .map_err(|err| Refusal::Status(StatusCode::BAD_REQUEST, "bad_path", err.to_string()))?;
+        let headers = &mut parts.headers;
+        for name in HOP_BY_HOP {
+            headers.remove(name);
+        }
+        headers.remove(AUTHENTICATED_SUBJECT);
+        if let Some(sub) = &subject
+            && let Ok(value) = HeaderValue::from_str(sub)
+        {
+            headers.insert(AUTHENTICATED_SUBJECT, value);
+        }
+        add_forwarding_headers(
+            headers,
+            peer,
+            original_authority.as_ref().map(Authority::as_str),
+            self.plain_http,
+        );
+        inject_trace(trace, headers);
+        // HTTP/1.1 or h2c towards the upstream, whatever the client spoke.
+        parts.version = http::Version::default();
+        let upstream = Request::from_parts(parts, Limited::new(body, self.max_body_bytes));
+
+        let response = tokio::time::timeout(self.request_timeout, pool.client.request(upstream))
+            .await
+            .map_err(|_| {
+                Refusal::Status(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream_timeout",
+                    format!(
+                        "{authority} did not answer within {:?}",
+                        self.request_timeout
+                    ),
+                )
+            })?
+            .map_err(|err| {
+                let what = if err.is_connect() {
+                    "cannot connect to"
+                } else {
+                    "failed talking to"
+                };
+                let source = std::error::Error::source(&err)
+                    .map(|source| format!(": {source}"))
+                    .unwrap_or_default();
+                Refusal::Status(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_unavailable",
+                    format!("{what} upstream {authority}{source}"),
+                )
+            })?;
+        let (mut parts, body) = response.into_parts();
+        for name in HOP_BY_HOP {
+            parts.headers.remove(name);
+        }
+        let body = body.map_err(|err| -> BoxError { Box::new(err) }).boxed();
+        Ok((Response::from_parts(parts, body), &pool.details[index]))
+    }
+
+    /// To an instance of the route's service, found through discovery, via the shared client.
+    async fn forward_to_service(
+        &self,
+        route: &RouteConfig,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+        trace: &TraceContext,
+        subject: Option<String>,
+    ) -> Result<(Response<ProxyBody>, String), Refusal> {
         let (parts, body) = request.into_parts();
+        let path = parts.uri.path();
         let upstream_path = rewrite_path(route, &parts.uri);
         let upstream_uri: http::Uri = upstream_path.parse().map_err(|_| {
             Refusal::Status(
@@ -250,6 +505,7 @@ impl Gateway {
             &mut headers,
             peer,
             parts.uri.authority().map(|a| a.as_str()),
+            self.plain_http,
         );
         let options = CallOptions {
             deadline: Some(self.request_timeout),
@@ -342,7 +598,50 @@ fn rewrite_path(route: &RouteConfig, uri: &http::Uri) -> String {
     }
 }
 
-fn add_forwarding_headers(headers: &mut HeaderMap, peer: SocketAddr, authority: Option<&str>) {
+/// The request's declared `Content-Length`, if any and readable.
+fn declared_length(headers: &HeaderMap) -> Option<usize> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<usize>().ok())
+}
+
+/// Sets `traceparent` (this hop as the parent) and `x-request-id` on an upstream request,
+/// written directly rather than through an OpenTelemetry propagator, as it runs per request.
+fn inject_trace(trace: &TraceContext, headers: &mut HeaderMap) {
+    let flags = if trace.sampled { "01" } else { "00" };
+    let mut traceparent = String::with_capacity(55);
+    let _ = write!(
+        traceparent,
+        "00-{}-{}-{flags}",
+        trace.trace_id, trace.span_id
+    );
+    if let Ok(value) = HeaderValue::try_from(traceparent) {
+        headers.insert(TRACEPARENT, value);
+    }
+    if let Ok(value) = HeaderValue::from_str(&trace.request_id) {
+        headers.insert(REQUEST_ID, value);
+    }
+}
+
+/// Escapes a Server-Timing description (a quoted string): no controls, `"` and `\` escaped.
+fn escape_description(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars().filter(|c| !c.is_control()) {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn add_forwarding_headers(
+    headers: &mut HeaderMap,
+    peer: SocketAddr,
+    authority: Option<&str>,
+    plain_http: bool,
+) {
     let client_ip = peer.ip().to_string();
     let forwarded_for = match headers
         .get(&X_FORWARDED_FOR)
@@ -354,7 +653,8 @@ fn add_forwarding_headers(headers: &mut HeaderMap, peer: SocketAddr, authority: 
     if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
         headers.insert(X_FORWARDED_FOR, value);
     }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+    let proto = if plain_http { "http" } else { "https" };
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     let host = headers
         .get(header::HOST)
         .cloned()
@@ -473,6 +773,7 @@ mod tests {
             service: "user-service".into(),
             strip_prefix: strip.map(str::to_owned),
             auth: true,
+            upstream: None,
         }
     }
 
@@ -536,9 +837,140 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
         headers.insert(header::HOST, HeaderValue::from_static("localhost:8443"));
-        add_forwarding_headers(&mut headers, "127.0.0.1:5000".parse().unwrap(), None);
+        add_forwarding_headers(&mut headers, "127.0.0.1:5000".parse().unwrap(), None, false);
         assert_eq!(headers[&X_FORWARDED_FOR], "10.0.0.1, 127.0.0.1");
         assert_eq!(headers[&X_FORWARDED_PROTO], "https");
         assert_eq!(headers[&X_FORWARDED_HOST], "localhost:8443");
+    }
+
+    /// A gateway with one public route to fixed `addrs`, serving plain HTTP on a free port.
+    async fn static_gateway(
+        addrs: Vec<SocketAddr>,
+    ) -> (SocketAddr, causeway_core::serve::ShutdownTrigger) {
+        use causeway_core::topology::ClientConfig;
+        let dir = std::env::temp_dir().join(format!(
+            "causeway-gateway-test-{}-{}",
+            std::process::id(),
+            addrs[0].port()
+        ));
+        let ca = causeway_core::tls::LocalCa::load_or_create(&dir).unwrap();
+        let mut metrics = causeway_core::telemetry::Metrics::new("reverse-proxy", "test");
+        let settings = causeway_client::ClientSettings {
+            dns_addr: "127.0.0.1:9".parse().unwrap(),
+            zone: "internal".into(),
+            config: ClientConfig::default(),
+        };
+        let client = ServiceClient::new(settings, &ca.ca_cert_path(), &mut metrics).unwrap();
+        let mut config = ReverseProxyConfig::default();
+        config.routes = vec![RouteConfig {
+            prefix: "/static/".into(),
+            service: String::new(),
+            strip_prefix: Some("/static".into()),
+            auth: false,
+            upstream: Some(StaticUpstream {
+                addrs,
+                protocol: UpstreamProtocol::Http1,
+                pool_idle_timeout_ms: 1000,
+                pool_max_idle_per_addr: 4,
+            }),
+        }];
+        config.request_timeout_ms = 2000;
+        let gateway = Arc::new(
+            Gateway::new(
+                "reverse-proxy-test".into(),
+                &config,
+                b"test-key",
+                Arc::new(client),
+                metrics.http_server(),
+            )
+            .serving_plain_http(),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (trigger, shutdown) = causeway_core::serve::shutdown_channel();
+        let make_service = move |peer: SocketAddr| {
+            let gateway = gateway.clone();
+            hyper::service::service_fn(move |request| {
+                let gateway = gateway.clone();
+                async move { Ok::<_, std::convert::Infallible>(gateway.handle(request, peer).await) }
+            })
+        };
+        tokio::spawn(causeway_core::serve::serve(
+            listener,
+            None,
+            make_service,
+            shutdown,
+            Duration::from_millis(100),
+        ));
+        (addr, trigger)
+    }
+
+    /// An HTTP/1.1 upstream answering every request with its path and trace headers.
+    async fn echo_upstream() -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let service = hyper::service::service_fn(|request: Request<Incoming>| async move {
+                    let body = format!(
+                        "upstream saw {} traceparent={} forwarded-proto={}",
+                        request.uri(),
+                        request.headers().contains_key(TRACEPARENT),
+                        request.headers()[&X_FORWARDED_PROTO].to_str().unwrap_or(""),
+                    );
+                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(body))))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+                );
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn static_upstream_routes_answer_through_the_gateway() {
+        let upstream = echo_upstream().await;
+        let (gateway, _stop) = static_gateway(vec![upstream]).await;
+        for _ in 0..3 {
+            let (status, body) = causeway_client::plain_http::request(
+                http::Method::GET,
+                gateway,
+                "/static/hello?x=1",
+                None,
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(
+                std::str::from_utf8(&body).unwrap(),
+                "upstream saw /hello?x=1 traceparent=true forwarded-proto=http"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dead_static_upstream_gives_a_json_502() {
+        let dead = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap()
+        };
+        let (gateway, _stop) = static_gateway(vec![dead]).await;
+        let (status, body) = causeway_client::plain_http::request(
+            http::Method::GET,
+            gateway,
+            "/static/hello",
+            None,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, StatusCode::BAD_GATEWAY);
+        let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(error["error"], "upstream_unavailable", "{error}");
+        let message = error["message"].as_str().unwrap_or_default();
+        assert!(message.contains(&dead.to_string()), "{message}");
     }
 }
