@@ -201,6 +201,21 @@ async fn confirmed_messages_survive_a_restart() {
         }
         let mut subscription = backend.subscribe(&spec, 1).await.unwrap();
         next(&mut subscription).await.ack().await.unwrap();
+        // Acks are not awaited (as AMQP's basic.ack): wait until the broker has recorded it.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let queues = backend.list(std::slice::from_ref(&spec)).await.unwrap();
+            let queue = queues.iter().find(|q| q.name == spec.name).unwrap();
+            // Four left: ready, or the next one already delivered to this prefetch-1 consumer.
+            if queue.ready.unwrap_or(0) + queue.unacked.unwrap_or(0) == 4 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the ack was not recorded: {queue:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         drop(subscription);
         drop(backend);
         broker.stop().await.unwrap();

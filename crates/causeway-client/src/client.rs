@@ -412,12 +412,12 @@ impl ServiceClient {
                 }
                 Err(err) => {
                     self.connections.discard(&host, endpoint.addr);
-                    attempt.outcome = describe_hyper_error(&err);
+                    attempt.outcome = causeway_core::telemetry::error_chain(&err);
                     report.attempts.push(attempt);
                     Err(CallError::NotRetryable {
                         service: service.to_string(),
                         method: parts.method.clone(),
-                        message: describe_hyper_error(&err),
+                        message: causeway_core::telemetry::error_chain(&err),
                     })
                 }
             };
@@ -555,7 +555,7 @@ impl ServiceClient {
         let response = sender
             .send_request(request)
             .await
-            .map_err(|err| AttemptError::Request(describe_hyper_error(&err)))?;
+            .map_err(|err| AttemptError::Request(causeway_core::telemetry::error_chain(&err)))?;
         Ok((response, connect))
     }
 
@@ -618,18 +618,6 @@ pub fn is_idempotent(method: &Method) -> bool {
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
     )
-}
-
-fn describe_hyper_error(err: &hyper::Error) -> String {
-    use std::error::Error;
-    let mut message = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }
 
 #[cfg(test)]

@@ -144,6 +144,19 @@ impl HttpMetrics {
     }
 }
 
+/// An error and its sources on one line, for logs and error messages (transport errors such as
+/// hyper's and tonic's hide the cause in the source chain).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,17 +177,4 @@ mod tests {
             "{text}"
         );
     }
-}
-
-/// An error and its sources on one line, for logs and error messages (transport errors such as
-/// hyper's and tonic's hide the cause in the source chain).
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut message = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }

@@ -16,7 +16,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use causeway_core::telemetry::error_chain;
 use causeway_proto::broker::v1 as pb;
-use futures_util::StreamExt;
 use pb::broker_client::BrokerClient;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -359,9 +358,10 @@ impl QueueBackend for EmbeddedBackend {
             command: Some(subscribe),
         });
         // Dropping the stream ends the request side even while deliveries (holding `commands`)
-        // live on, so that the broker returns what was not settled.
+        // live on, so that the broker returns what was not settled; commands already queued
+        // (acks, which nobody awaits) are sent first.
         let (cancel, cancelled) = oneshot::channel::<()>();
-        let requests = UnboundedReceiverStream::new(receiver).take_until(cancelled);
+        let requests = drain_then_end(receiver, cancelled);
         let mut client = self.client.clone();
         let mut inbound = tokio::time::timeout(self.connect_timeout, client.consume(requests))
             .await
@@ -494,6 +494,29 @@ impl QueueBackend for EmbeddedBackend {
             .await
             .map(|_| ())
     }
+}
+
+/// The commands of `receiver` until `cancelled` fires, then those already queued, then the end.
+fn drain_then_end(
+    receiver: mpsc::UnboundedReceiver<pb::ConsumeRequest>,
+    cancelled: oneshot::Receiver<()>,
+) -> impl futures_util::Stream<Item = pb::ConsumeRequest> + Send + 'static {
+    futures_util::stream::unfold(
+        (receiver, Some(cancelled)),
+        |(mut receiver, mut cancelled)| async move {
+            loop {
+                let Some(until) = cancelled.as_mut() else {
+                    let next = receiver.try_recv().ok()?;
+                    return Some((next, (receiver, None)));
+                };
+                tokio::select! {
+                    biased;
+                    next = receiver.recv() => return next.map(|next| (next, (receiver, cancelled))),
+                    _ = until => cancelled = None,
+                }
+            }
+        },
+    )
 }
 
 /// One subscription's deliveries.
