@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod balancer;
 pub mod gateway;
+pub mod hygiene;
 pub mod ingress;
 
 pub use balancer::Balancer;
