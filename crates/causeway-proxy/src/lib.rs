@@ -10,6 +10,7 @@ pub mod balancer;
 pub mod gateway;
 pub mod hygiene;
 pub mod ingress;
+pub mod upstream;
 
 pub use balancer::Balancer;
 pub use gateway::Gateway;
