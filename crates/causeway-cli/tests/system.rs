@@ -58,8 +58,9 @@ async fn rest_request_travels_every_hop_and_comes_back() {
     let status = system.status_json();
     assert_eq!(status["running"], true, "{status}");
     let components = status["components"].as_array().expect("components");
-    // discovery, 3 order, 2 pricing, user, inventory, 2 reverse proxies, load balancer.
-    assert_eq!(components.len(), 11, "{status}");
+    // discovery, broker, 3 order, 2 pricing, user, inventory, notification, email,
+    // 2 reverse proxies, load balancer.
+    assert_eq!(components.len(), 14, "{status}");
     for component in components {
         assert_eq!(component["health"], "up", "{component}");
         assert!(component["pid"].as_u64().is_some(), "{component}");
@@ -441,7 +442,8 @@ async fn a_hung_order_service_gives_a_bounded_503() {
 async fn stopping_is_quick_and_leaves_nothing_behind() {
     let mut system = System::start(test_topology());
     let running = harness::processes_using(system.data_dir());
-    assert_eq!(running.len(), 11, "{running:?}");
+    // Every component of the topology (see rest_request_travels_every_hop_and_comes_back).
+    assert_eq!(running.len(), 14, "{running:?}");
     let took = system.stop();
     assert!(took < Duration::from_secs(5), "stopped in {took:?}");
     assert!(harness::processes_using(system.data_dir()).is_empty());
