@@ -223,9 +223,10 @@ fn maglev_moves_only_the_removed_endpoints_keys() {
             moved_elsewhere += 1;
         }
     }
-    // Maglev trades a little disruption for balance; a ring would be 0, modulo hashing ~90%.
+    // Maglev trades a little disruption for balance (18 of 10000 keys here); modulo hashing
+    // would move ~90%.
     assert!(
-        moved_elsewhere < 300,
+        moved_elsewhere < 100,
         "{moved_elsewhere} of 10000 keys moved between surviving endpoints"
     );
 }
