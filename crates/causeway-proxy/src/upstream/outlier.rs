@@ -1,6 +1,8 @@
 //! Passive outlier detection (Envoy's consecutive-5xx / consecutive-gateway-failure detectors):
 //! the outcomes of real requests eject an endpoint that keeps failing, for a time that grows with
-//! each ejection, while never ejecting more than a configured share of the set.
+//! each ejection, while never ejecting more than a configured share of the set. An ejection ends
+//! at the first pick after its time is up (no timer task); that is when `upstream.returned` is
+//! logged and the `upstream_ejected` gauge drops back to 0.
 
 use std::time::{Duration, Instant};
 
