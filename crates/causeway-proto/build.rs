@@ -1,7 +1,7 @@
 //! Compiles `proto/` (at the workspace root) into Rust with protox, a protobuf compiler written in
 //! Rust, so building needs no `protoc` on the machine; tonic-prost-build generates the messages,
-//! the client and the server from the compiled descriptors. The encoded descriptor set is also
-//! written out for gRPC server reflection.
+//! the client and the server from the compiled descriptors. Each package's encoded descriptor set
+//! is also written out, for its server's gRPC reflection.
 
 use std::path::PathBuf;
 
@@ -22,11 +22,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     // `compile` includes imports and source info (comments), which reflection clients show.
+    // Each package gets its own descriptor set, so a server's reflection lists only its services.
+    for proto in PROTOS {
+        let package = proto.split('/').next().unwrap_or(proto);
+        let own = protox::compile([proto], [&proto_root])?;
+        std::fs::write(
+            out_dir.join(format!("{package}_descriptor.bin")),
+            own.encode_to_vec(),
+        )?;
+    }
     let descriptors = protox::compile(PROTOS, [&proto_root])?;
-    std::fs::write(
-        out_dir.join("causeway_descriptor.bin"),
-        descriptors.encode_to_vec(),
-    )?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

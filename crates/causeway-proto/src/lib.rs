@@ -1,8 +1,9 @@
 //! The Protocol Buffers contracts of Causeway's gRPC services, as Rust: messages (prost), a client
-//! and a server trait (tonic) for `pricing.v1.PricingService`, and the encoded file descriptor set
-//! that server reflection serves. The `.proto` files live in `proto/` at the workspace root, so that
-//! clients in other languages generate their stubs from the same source; `build.rs` compiles them
-//! with protox (a protobuf compiler in Rust) because a fresh machine has no `protoc`.
+//! and a server trait (tonic) for `pricing.v1.PricingService` and the embedded broker's
+//! `causeway.broker.v1.Broker`, and each package's encoded file descriptor set for server
+//! reflection. The `.proto` files live in `proto/` at the workspace root, so that clients in other
+//! languages generate their stubs from the same source; `build.rs` compiles them with protox (a
+//! protobuf compiler in Rust) because a fresh machine has no `protoc`.
 
 /// `package pricing.v1;` from `proto/pricing/v1/pricing.proto`.
 pub mod pricing {
@@ -18,10 +19,14 @@ pub mod broker {
     }
 }
 
-/// The encoded `google.protobuf.FileDescriptorSet` of every `.proto` compiled here (with their
-/// imports and comments), for `tonic_reflection::server::Builder::register_encoded_file_descriptor_set`.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/causeway_descriptor.bin"));
+/// The encoded `google.protobuf.FileDescriptorSet` of `pricing.v1` (with its imports and
+/// comments), for `tonic_reflection::server::Builder::register_encoded_file_descriptor_set`.
+pub const PRICING_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/pricing_descriptor.bin"));
+
+/// The encoded `google.protobuf.FileDescriptorSet` of `causeway.broker.v1`.
+pub const BROKER_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/broker_descriptor.bin"));
 
 #[cfg(test)]
 mod tests {
@@ -32,10 +37,13 @@ mod tests {
 
     #[test]
     fn descriptor_set_describes_the_pricing_service() {
-        let text = String::from_utf8_lossy(super::FILE_DESCRIPTOR_SET);
+        let text = String::from_utf8_lossy(super::PRICING_DESCRIPTOR_SET);
         assert!(text.contains("pricing/v1/pricing.proto"));
         assert!(text.contains("PricingService"));
         assert!(text.contains("StreamPrices"));
+        assert!(!text.contains("causeway.broker"), "only pricing.v1");
+        let broker = String::from_utf8_lossy(super::BROKER_DESCRIPTOR_SET);
+        assert!(broker.contains("causeway.broker.v1") && !broker.contains("PricingService"));
         assert_eq!(SERVICE_NAME, "pricing.v1.PricingService");
     }
 

@@ -226,7 +226,7 @@ pub async fn serve(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<PricingServiceServer<Pricing>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(causeway_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(causeway_proto::PRICING_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
 
