@@ -19,6 +19,7 @@ use causeway_discovery::{DiscoveryServer, Registry};
 use causeway_proxy::{Balancer, Gateway};
 use causeway_queue::{BrokerLink, BrokerTarget, ConnectOptions, QueueError, ResolveBroker};
 use causeway_services::ServiceDeps;
+use causeway_services::email::PublisherMetrics;
 use causeway_services::notification::ConsumerMetrics;
 use hyper_util::service::TowerToHyperService;
 use tokio::task::JoinHandle;
@@ -92,7 +93,16 @@ async fn run() -> anyhow::Result<()> {
             let broker = broker_link(&launch)?;
             let deps = service_deps(&launch, metrics.http_server());
             let queue = launch.topology.messaging.notification_queue.clone();
-            let app = causeway_services::email::app(&deps, broker, queue, shutdown.clone()).await?;
+            let publisher_metrics = PublisherMetrics::default();
+            publisher_metrics.register(metrics.registry_mut());
+            let app = causeway_services::email::app(
+                &deps,
+                broker,
+                queue,
+                publisher_metrics,
+                shutdown.clone(),
+            )
+            .await?;
             start_http_service(&launch, metrics, app, shutdown).await?
         }
         Role::NotificationService => {

@@ -871,8 +871,41 @@ async fn emails_become_notifications_and_failures_end_in_the_dead_letter_queue()
         "the redriven message failed back into the DLQ"
     );
 
-    let metrics = system.run(&["status", "--json"]);
-    assert!(metrics.status.success());
+    // Metrics: how Email Service published, how Notification Service settled, what the broker did.
+    let state = system.state();
+    let metrics_of = async |instance: &str| {
+        let admin = state
+            .components
+            .iter()
+            .find(|c| c.instance == instance)
+            .and_then(|c| c.admin)
+            .expect("admin address");
+        let (code, body) = causeway_client::plain_http::request(
+            Method::GET,
+            admin,
+            "/metrics",
+            None,
+            Duration::from_secs(2),
+        )
+        .await
+        .expect("metrics");
+        assert_eq!(code, StatusCode::OK);
+        String::from_utf8_lossy(&body).to_string()
+    };
+    let email = metrics_of("email-service-1").await;
+    assert!(
+        email.contains("queue_publisher_messages_total{")
+            && email.contains("outcome=\"confirmed\""),
+        "{email}"
+    );
+    let notification = metrics_of("notification-service-1").await;
+    assert!(
+        notification.contains("outcome=\"dead_lettered\"")
+            && notification.contains("outcome=\"acked\""),
+        "{notification}"
+    );
+    let broker = metrics_of("broker-1").await;
+    assert!(broker.contains("notification-queue"), "{broker}");
 }
 
 /// The broker is killed with SIGKILL while messages wait for a stopped consumer: no confirmed

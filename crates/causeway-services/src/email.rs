@@ -21,6 +21,9 @@ use causeway_core::server_timing::{self, TimingEntry, steps};
 use causeway_core::trace_context::TraceContext;
 use causeway_queue::{BrokerLink, Confirmation, OutgoingMessage, QueueSpec, headers};
 use http::{HeaderMap, StatusCode};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
@@ -121,6 +124,39 @@ struct EmailState {
     db: Database,
     broker: Arc<BrokerLink>,
     queue: QueueSpec,
+    metrics: PublisherMetrics,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PublishLabels {
+    queue: String,
+    /// `confirmed` (by the request), `outboxed` (left for the relay), `relayed` (by the relay).
+    outcome: &'static str,
+}
+
+/// How Email Service's messages reached the broker; registered by the caller.
+#[derive(Clone, Default)]
+pub struct PublisherMetrics {
+    messages: Family<PublishLabels, Counter>,
+}
+
+impl PublisherMetrics {
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "queue_publisher_messages",
+            "Messages published, by queue and how: confirmed by the request, outboxed for the relay, relayed",
+            self.messages.clone(),
+        );
+    }
+
+    fn count(&self, queue: &str, outcome: &'static str) {
+        self.messages
+            .get_or_create(&PublishLabels {
+                queue: queue.to_string(),
+                outcome,
+            })
+            .inc();
+    }
 }
 
 /// Opens the database, starts the outbox relay (until `shutdown`) and builds the application.
@@ -128,6 +164,7 @@ pub async fn app(
     deps: &ServiceDeps,
     broker: Arc<BrokerLink>,
     queue: QueueSpec,
+    metrics: PublisherMetrics,
     shutdown: Shutdown,
 ) -> Result<Router, ServiceError> {
     let db = db::connect(deps.database_url.as_deref(), &deps.default_sqlite_path).await?;
@@ -138,6 +175,7 @@ pub async fn app(
         db,
         broker,
         queue,
+        metrics,
     };
     tokio::spawn(relay(state.clone(), shutdown));
     let routes = Router::new()
@@ -218,6 +256,14 @@ async fn send_email(
     let message_id = message.message_id.clone();
     let confirmation = publish_and_mark(&state, message).await;
     let publish_elapsed = publish_started.elapsed();
+    state.metrics.count(
+        &state.queue.name,
+        if confirmation.is_ok() {
+            "confirmed"
+        } else {
+            "outboxed"
+        },
+    );
     let (status, published, broker_sequence) = match &confirmation {
         Ok(confirmation) => (StatusCode::CREATED, true, confirmation.sequence),
         // Recorded and in the outbox: the relay publishes it once the broker is reachable.
@@ -402,6 +448,7 @@ async fn relay(state: EmailState, mut shutdown: Shutdown) {
                 // The broker is still away; try again on the next round, in order.
                 break;
             }
+            state.metrics.count(&state.queue.name, "relayed");
             tracing::info!(event = "email.relayed", message_id = %message_id, "outbox message published");
         }
     }
