@@ -284,9 +284,7 @@ async fn start_balancer(
     let balancer = Arc::new(Balancer::new(config, discovery, &mut metrics));
     balancer.refresh().await;
     let mut tasks = announce(launch, listen, admin, metrics, &shutdown).await?;
-    tasks.push(tokio::spawn(
-        balancer.clone().watch_backends(shutdown.clone()),
-    ));
+    tasks.extend(balancer.clone().watch_backends(shutdown.clone()));
     tasks.push(tokio::spawn(balancer.serve(listener, shutdown)));
     Ok(tasks)
 }

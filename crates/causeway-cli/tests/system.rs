@@ -1004,3 +1004,57 @@ async fn the_queue_scenario_runs_on_rabbitmq_and_mqtt() {
         let _ = backend.delete(&topology.messaging.notification_queue).await;
     }
 }
+
+/// The edge balancer (the proxy engine's upstream machinery in layer-4 mode) keeps serving when a
+/// reverse proxy dies: a failed connect ejects it and the connection goes to the other one, so
+/// only connections already spliced to the dead one can fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_reverse_proxy_costs_only_its_open_connections() {
+    let system = System::start(test_topology());
+    let token = system.token("123", 300);
+    let victim = system.pid_of("reverse-proxy-1").expect("reverse proxy pid");
+    let started = Instant::now();
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            let token = token.clone();
+            let edge = system.edge();
+            let ca = system.data().ca_cert();
+            tokio::spawn(async move {
+                let mut statuses = Vec::new();
+                while started.elapsed() < Duration::from_secs(3) {
+                    let mut headers = HeaderMap::new();
+                    headers.insert(
+                        header::AUTHORIZATION,
+                        HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+                    );
+                    let response = causeway_cli::edge::request(
+                        edge,
+                        "localhost",
+                        &ca,
+                        Method::GET,
+                        "/api/users/123/orders",
+                        headers,
+                        Bytes::new(),
+                    )
+                    .await;
+                    statuses.push(response.map(|r| r.status.as_u16()).unwrap_or(0));
+                }
+                statuses
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    signal(victim, Signal::SIGKILL);
+    let mut statuses = Vec::new();
+    for worker in workers {
+        statuses.extend(worker.await.unwrap());
+    }
+    let failed = statuses.iter().filter(|s| **s != 200).count();
+    assert!(statuses.len() > 20, "the load ran: {statuses:?}");
+    // At most the one connection each worker had open when the proxy died.
+    assert!(
+        failed <= 2,
+        "{failed} of {} requests failed",
+        statuses.len()
+    );
+}

@@ -1,37 +1,40 @@
 //! The load-balancer role in layer-4 mode: accepts TCP connections at the edge and splices each
 //! to a healthy instance of the upstream service (TLS passes through to the reverse proxies,
-//! which terminate it). Instances come from discovery; active health checks (`GET /healthz` on
-//! each instance's admin port, found through `_admin._tcp` SRV records) take an instance out
-//! after `unhealthy_threshold` failures and put it back after `healthy_threshold` passes; a failed
-//! connect (passive check) counts as a failure and the connection is tried on the next instance.
+//! which terminate it). It is the proxy engine's [`Upstream`] configured for layer 4: instances
+//! come from discovery; active health checks (`GET /healthz` on each instance's admin port, found
+//! through `_admin._tcp` SRV records) take an instance out after `unhealthy_threshold` failures
+//! and put it back after `healthy_threshold` passes; a failed connect (passive check) ejects the
+//! instance for a while and the connection is tried on the next one.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use causeway_client::Discovery;
-use causeway_client::plain_http;
 use causeway_core::serve::{Shutdown, accept};
 use causeway_core::telemetry::Metrics;
 use causeway_core::topology::LoadBalancerConfig;
-use http::{Method, StatusCode};
+use http::{HeaderMap, StatusCode};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+use crate::upstream::{
+    BalancePolicy, EndpointSpec, HealthCheckConfig, Outcome, OutlierConfig, Upstream,
+    UpstreamConfig, UpstreamMetrics,
+};
 
 /// One upstream instance and what the balancer knows of its health.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Backend {
     pub instance: String,
     pub addr: SocketAddr,
-    pub admin: Option<SocketAddr>,
     pub healthy: bool,
-    consecutive_failures: u32,
-    consecutive_passes: u32,
+    /// Taken out for failed connects until its ejection ends.
+    pub ejected: bool,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -44,16 +47,41 @@ struct BalancerMetrics {
     connections: Family<BackendLabels, Counter>,
     active: Gauge,
     connect_failures: Family<BackendLabels, Counter>,
-    healthy: Family<BackendLabels, Gauge>,
     refused: Counter,
 }
 
 pub struct Balancer {
     config: LoadBalancerConfig,
     discovery: Discovery,
-    backends: Mutex<Vec<Backend>>,
-    next: AtomicUsize,
+    upstream: Upstream,
+    health_check: HealthCheckConfig,
     metrics: BalancerMetrics,
+}
+
+/// The L4 role's settings for the proxy engine's upstream machinery: round robin over healthy
+/// endpoints, active checks of each instance's admin `/healthz`, and a failed connect ejecting
+/// the endpoint until the next health-check rounds could have seen it back.
+fn upstream_config(config: &LoadBalancerConfig) -> (UpstreamConfig, HealthCheckConfig) {
+    let health_check = HealthCheckConfig {
+        path: "/healthz".into(),
+        interval_ms: config.health_check_interval_ms,
+        timeout_ms: config.health_check_timeout_ms,
+        healthy_threshold: config.healthy_threshold,
+        unhealthy_threshold: config.unhealthy_threshold,
+    };
+    let upstream = UpstreamConfig {
+        balance: BalancePolicy::RoundRobin,
+        outlier: OutlierConfig {
+            consecutive_connect_failures: 1,
+            base_ejection_ms: config.health_check_interval_ms.saturating_mul(2).max(1),
+            max_ejection_ms: config.health_check_interval_ms.saturating_mul(20).max(1),
+            max_ejection_percent: 100,
+            ..OutlierConfig::default()
+        },
+        health_check: Some(health_check.clone()),
+        ..UpstreamConfig::default()
+    };
+    (upstream, health_check)
 }
 
 impl Balancer {
@@ -76,48 +104,70 @@ impl Balancer {
             m.connect_failures.clone(),
         );
         registry.register(
-            "lb_backend_healthy",
-            "1 while a backend passes health checks",
-            m.healthy.clone(),
-        );
-        registry.register(
             "lb_refused_connections",
             "Connections closed because no backend was healthy",
             m.refused.clone(),
         );
+        let upstream_metrics = UpstreamMetrics::default();
+        upstream_metrics.register(registry);
+        let (upstream_config, health_check) = upstream_config(&config);
+        let upstream = Upstream::with_metrics(
+            config.upstream.clone(),
+            upstream_config,
+            Vec::new(),
+            upstream_metrics,
+        )
+        .unwrap_or_else(|err| {
+            // Only a consistent-hash table can fail to build, and the L4 role balances round robin.
+            unreachable!("the L4 balancer's upstream configuration is fixed: {err}")
+        });
         Self {
             config,
             discovery,
-            backends: Mutex::new(Vec::new()),
-            next: AtomicUsize::new(0),
+            upstream,
+            health_check,
             metrics: m,
         }
     }
 
     pub fn backends(&self) -> Vec<Backend> {
-        self.backends
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.upstream
+            .endpoints()
+            .iter()
+            .map(|endpoint| Backend {
+                instance: endpoint.id().to_string(),
+                addr: endpoint.addr(),
+                healthy: endpoint.is_healthy(),
+                ejected: endpoint.is_ejected(std::time::Instant::now()),
+            })
+            .collect()
     }
 
-    /// Refreshes the backend list from discovery and health-checks every backend, forever.
-    pub async fn watch_backends(self: Arc<Self>, mut shutdown: Shutdown) {
-        let interval = Duration::from_millis(self.config.health_check_interval_ms);
-        loop {
-            self.refresh().await;
-            tokio::select! {
-                _ = tokio::time::sleep(interval) => {}
-                _ = shutdown.wait() => return,
+    /// Follows discovery and health-checks every backend until shutdown.
+    pub fn watch_backends(self: std::sync::Arc<Self>, shutdown: Shutdown) -> Vec<JoinHandle<()>> {
+        let checker = crate::upstream::spawn_health_checker(
+            self.upstream.clone(),
+            self.health_check.clone(),
+            shutdown.clone(),
+        );
+        let mut shutdown = shutdown;
+        let follower = tokio::spawn(async move {
+            let interval = Duration::from_millis(self.config.health_check_interval_ms.max(1));
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => self.refresh().await,
+                    _ = shutdown.wait() => return,
+                }
             }
-        }
+        });
+        vec![checker, follower]
     }
 
-    /// One round: discovery, then a health check of every backend.
+    /// Takes the instance list from discovery (with each instance's admin port for its checks).
     pub async fn refresh(&self) {
-        let upstream = &self.config.upstream;
-        let listed = self.discovery.resolve(upstream).await;
-        let admins = self.discovery.resolve_port(upstream, "admin").await;
+        let service = &self.config.upstream;
+        let listed = self.discovery.resolve(service).await;
+        let admins = self.discovery.resolve_port(service, "admin").await;
         let admin_of: HashMap<String, SocketAddr> = admins
             .map(|r| {
                 r.endpoints
@@ -126,105 +176,40 @@ impl Balancer {
                     .collect()
             })
             .unwrap_or_default();
-        match listed {
-            Ok(resolution) => {
-                let mut backends = self.backends.lock().unwrap_or_else(|p| p.into_inner());
-                let previous = std::mem::take(&mut *backends);
-                for endpoint in resolution.endpoints {
-                    let known = previous
-                        .iter()
-                        .find(|b| b.instance == endpoint.instance && b.addr == endpoint.addr);
-                    backends.push(match known {
-                        Some(backend) => Backend {
-                            admin: admin_of.get(&endpoint.instance).copied(),
-                            ..backend.clone()
-                        },
-                        None => {
-                            tracing::info!(instance = %endpoint.instance, addr = %endpoint.addr, "backend discovered");
-                            Backend {
-                                instance: endpoint.instance.clone(),
-                                addr: endpoint.addr,
-                                admin: admin_of.get(&endpoint.instance).copied(),
-                                // Registered instances are serving; checks take them out if not.
-                                healthy: true,
-                                consecutive_failures: 0,
-                                consecutive_passes: 0,
-                            }
-                        }
-                    });
-                }
-            }
+        let resolution = match listed {
+            Ok(resolution) => resolution,
             Err(err) => {
                 tracing::warn!(error = %err, "cannot refresh backends; keeping the last list");
+                return;
             }
-        }
-        let targets: Vec<(String, Option<SocketAddr>)> = self
-            .backends()
-            .into_iter()
-            .map(|b| (b.instance, b.admin))
-            .collect();
-        let timeout = Duration::from_millis(self.config.health_check_timeout_ms);
-        let checks = targets.into_iter().map(|(instance, admin)| async move {
-            let passed = match admin {
-                Some(admin) => matches!(
-                    plain_http::request(Method::GET, admin, "/healthz", None, timeout).await,
-                    Ok((StatusCode::OK, _))
-                ),
-                // Without an admin port, only passive checks apply.
-                None => true,
-            };
-            (instance, passed)
-        });
-        for (instance, passed) in futures_util::future::join_all(checks).await {
-            self.record_check(&instance, passed);
-        }
-    }
-
-    fn record_check(&self, instance: &str, passed: bool) {
-        let mut backends = self.backends.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(backend) = backends.iter_mut().find(|b| b.instance == instance) else {
-            return;
         };
-        if passed {
-            backend.consecutive_failures = 0;
-            backend.consecutive_passes += 1;
-            if !backend.healthy && backend.consecutive_passes >= self.config.healthy_threshold {
-                backend.healthy = true;
-                tracing::info!(instance, "backend healthy again");
-            }
-        } else {
-            backend.consecutive_passes = 0;
-            backend.consecutive_failures += 1;
-            if backend.healthy && backend.consecutive_failures >= self.config.unhealthy_threshold {
-                backend.healthy = false;
-                tracing::warn!(instance, "backend failed its health checks; taken out");
-            }
-        }
-        self.metrics
-            .healthy
-            .get_or_create(&BackendLabels {
-                backend: instance.to_string(),
-            })
-            .set(i64::from(backend.healthy));
-    }
-
-    /// Healthy backends in round-robin order starting at this connection's turn.
-    fn candidates(&self) -> Vec<Backend> {
-        let backends = self.backends();
-        let healthy: Vec<Backend> = backends.into_iter().filter(|b| b.healthy).collect();
-        if healthy.is_empty() {
-            return healthy;
-        }
-        let turn = self.next.fetch_add(1, Ordering::Relaxed) % healthy.len();
-        healthy[turn..]
+        let known: HashSet<String> = self
+            .upstream
+            .endpoints()
             .iter()
-            .chain(&healthy[..turn])
-            .cloned()
-            .collect()
+            .map(|endpoint| endpoint.id().to_string())
+            .collect();
+        let specs = resolution
+            .endpoints
+            .into_iter()
+            .map(|endpoint| {
+                if !known.contains(&endpoint.instance) {
+                    tracing::info!(instance = %endpoint.instance, addr = %endpoint.addr, "backend discovered");
+                }
+                let spec = EndpointSpec::new(endpoint.instance.clone(), endpoint.addr);
+                match admin_of.get(&endpoint.instance) {
+                    Some(admin) => spec.with_health_addr(*admin),
+                    None => spec,
+                }
+            })
+            .collect();
+        if let Err(err) = self.upstream.update(specs) {
+            tracing::warn!(error = %err, "discovery listed an unusable backend set; keeping the last one");
+        }
     }
 
     /// Accepts and splices connections until shutdown; open connections are left to finish.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, mut shutdown: Shutdown) {
+    pub async fn serve(self: std::sync::Arc<Self>, listener: TcpListener, mut shutdown: Shutdown) {
         while let Some((client, peer)) = accept(&listener, &mut shutdown).await {
             let balancer = self.clone();
             tokio::spawn(async move { balancer.splice(client, peer).await });
@@ -233,12 +218,19 @@ impl Balancer {
 
     async fn splice(&self, mut client: TcpStream, peer: SocketAddr) {
         let connect_timeout = Duration::from_millis(self.config.connect_timeout_ms);
-        for backend in self.candidates() {
-            let connected =
-                tokio::time::timeout(connect_timeout, TcpStream::connect(backend.addr)).await;
+        let no_headers = HeaderMap::new();
+        let mut tried = HashSet::new();
+        // Each failed connect ejects its backend, so the next pick is another one.
+        while let Ok(guard) = self.upstream.pick(&no_headers) {
+            let instance = guard.endpoint().id().to_string();
+            if !tried.insert(instance.clone()) {
+                break;
+            }
             let labels = BackendLabels {
-                backend: backend.instance.clone(),
+                backend: instance.clone(),
             };
+            let connected =
+                tokio::time::timeout(connect_timeout, TcpStream::connect(guard.addr())).await;
             let mut upstream = match connected {
                 Ok(Ok(upstream)) => upstream,
                 failed => {
@@ -246,33 +238,25 @@ impl Balancer {
                         Ok(Err(err)) => err.to_string(),
                         _ => "timed out".to_string(),
                     };
-                    tracing::warn!(instance = %backend.instance, %reason, "connect failed; trying the next backend");
+                    tracing::warn!(%instance, %reason, "connect failed; trying the next backend");
                     self.metrics.connect_failures.get_or_create(&labels).inc();
-                    self.mark_down(&backend.instance);
+                    guard.record(Outcome::ConnectFailure);
                     continue;
                 }
             };
+            guard.record(Outcome::Response(StatusCode::OK));
             let _ = upstream.set_nodelay(true);
             self.metrics.connections.get_or_create(&labels).inc();
             self.metrics.active.inc();
-            tracing::debug!(%peer, instance = %backend.instance, "connection spliced");
+            tracing::debug!(%peer, %instance, "connection spliced");
             let result = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
             self.metrics.active.dec();
             if let Err(err) = result {
-                tracing::debug!(%peer, instance = %backend.instance, error = %err, "connection ended with an error");
+                tracing::debug!(%peer, %instance, error = %err, "connection ended with an error");
             }
             return;
         }
         self.metrics.refused.inc();
         tracing::warn!(%peer, upstream = %self.config.upstream, "no healthy backend; connection closed");
-    }
-
-    /// A failed connect takes the backend out at once; health checks bring it back.
-    fn mark_down(&self, instance: &str) {
-        let mut backends = self.backends.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(backend) = backends.iter_mut().find(|b| b.instance == instance) {
-            backend.healthy = false;
-            backend.consecutive_passes = 0;
-        }
     }
 }
