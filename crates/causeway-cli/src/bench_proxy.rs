@@ -491,8 +491,18 @@ pub fn serve_proxy(
     } else {
         causeway_core::telemetry::init_logging();
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers.max(1))
+    // `causeway up` runs the reverse proxy on a multi-threaded runtime; the single-threaded one
+    // (one worker only) is there to measure what the scheduler costs.
+    let single = workers <= 1
+        && std::env::var("CAUSEWAY_BENCH_RUNTIME").is_ok_and(|flavor| flavor == "current-thread");
+    let mut builder = if single {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(workers.max(1));
+        builder
+    };
+    let runtime = builder
         .enable_all()
         .build()
         .context("starting the proxy's runtime")?;

@@ -82,6 +82,14 @@ enum Refusal {
     RateLimited(Duration),
 }
 
+/// Who a request came from, as the checks found it.
+struct Caller<'t> {
+    peer: SocketAddr,
+    trace: &'t TraceContext,
+    request_id: Option<&'t HeaderValue>,
+    subject: Option<String>,
+}
+
 /// Body of requests to static upstreams: streamed as it arrives, within the size limit.
 type StaticBody = Limited<Incoming>;
 
@@ -261,6 +269,8 @@ impl Gateway {
     ) -> Response<ProxyBody> {
         let started = Instant::now();
         let trace = TraceContext::continue_from(request.headers());
+        // Built once, sent upstream and back to the client.
+        let request_id = HeaderValue::from_str(&trace.request_id).ok();
         let method = request.method().clone();
         // Cheap: a URI's parts are reference-counted.
         let uri = request.uri().clone();
@@ -269,7 +279,10 @@ impl Gateway {
         let route_name = route.map_or("unmatched", |route| route.config.prefix.as_str());
 
         let grpc = is_grpc(request.headers());
-        let (mut response, detail) = match self.forward(route, request, peer, &trace).await {
+        let (mut response, detail) = match self
+            .forward(route, request, peer, &trace, request_id.as_ref())
+            .await
+        {
             Ok(forwarded) => forwarded,
             Err(refusal) => {
                 let response = if grpc {
@@ -283,19 +296,22 @@ impl Gateway {
         };
         let elapsed = started.elapsed();
         let headers = response.headers_mut();
-        if let Ok(value) = HeaderValue::from_str(&trace.request_id) {
+        if let Some(value) = request_id {
             headers.insert(REQUEST_ID, value);
         }
         let transport = if self.plain_http { "plain HTTP" } else { "TLS" };
         match detail {
             // Formatted once at start-up and already escaped: one write per request.
             Cow::Borrowed(escaped) => {
+                // Milliseconds with three decimals from integer microseconds (no float formatting).
+                let micros = elapsed.as_micros();
                 let mut value = String::with_capacity(escaped.len() + 64);
                 let _ = write!(
                     value,
-                    "{};dur={:.3};desc=\"{escaped}; client spoke {version:?} over {transport}\"",
+                    "{};dur={}.{:03};desc=\"{escaped}; client spoke {version:?} over {transport}\"",
                     steps::EDGE_PROXY,
-                    elapsed.as_secs_f64() * 1000.0,
+                    micros / 1000,
+                    micros % 1000,
                 );
                 if let Ok(value) = HeaderValue::try_from(value) {
                     headers.append(server_timing::SERVER_TIMING, value);
@@ -331,6 +347,7 @@ impl Gateway {
         request: Request<Incoming>,
         peer: SocketAddr,
         trace: &TraceContext,
+        request_id: Option<&HeaderValue>,
     ) -> Result<(Response<ProxyBody>, Cow<'a, str>), Refusal> {
         let route = route.ok_or_else(|| {
             Refusal::Status(
@@ -367,7 +384,17 @@ impl Gateway {
 
         match &route.upstream {
             Some(pool) => self
-                .forward_static(route, pool, request, peer, trace, subject)
+                .forward_static(
+                    route,
+                    pool,
+                    request,
+                    Caller {
+                        peer,
+                        trace,
+                        request_id,
+                        subject,
+                    },
+                )
                 .await
                 .map(|(response, detail)| (response, Cow::Borrowed(detail))),
             None => self
@@ -384,10 +411,14 @@ impl Gateway {
         route: &Route,
         pool: &'a StaticPool,
         request: Request<Incoming>,
-        peer: SocketAddr,
-        trace: &TraceContext,
-        subject: Option<String>,
+        caller: Caller<'_>,
     ) -> Result<(Response<ProxyBody>, &'a str), Refusal> {
+        let Caller {
+            peer,
+            trace,
+            request_id,
+            subject,
+        } = caller;
         let (index, authority) = pool.picker.pick().ok_or_else(|| {
             Refusal::Status(
                 StatusCode::BAD_GATEWAY,
@@ -435,7 +466,7 @@ impl Gateway {
             original_authority.as_ref().map(Authority::as_str),
             self.plain_http,
         );
-        inject_trace(trace, headers);
+        inject_trace(trace, request_id, headers);
         // HTTP/1.1 or h2c towards the upstream, whatever the client spoke.
         parts.version = http::Version::default();
         let upstream = Request::from_parts(parts, Limited::new(body, self.max_body_bytes));
@@ -608,7 +639,7 @@ fn declared_length(headers: &HeaderMap) -> Option<usize> {
 
 /// Sets `traceparent` (this hop as the parent) and `x-request-id` on an upstream request,
 /// written directly rather than through an OpenTelemetry propagator, as it runs per request.
-fn inject_trace(trace: &TraceContext, headers: &mut HeaderMap) {
+fn inject_trace(trace: &TraceContext, request_id: Option<&HeaderValue>, headers: &mut HeaderMap) {
     let flags = if trace.sampled { "01" } else { "00" };
     let mut traceparent = String::with_capacity(55);
     let _ = write!(
@@ -619,8 +650,8 @@ fn inject_trace(trace: &TraceContext, headers: &mut HeaderMap) {
     if let Ok(value) = HeaderValue::try_from(traceparent) {
         headers.insert(TRACEPARENT, value);
     }
-    if let Ok(value) = HeaderValue::from_str(&trace.request_id) {
-        headers.insert(REQUEST_ID, value);
+    if let Some(value) = request_id {
+        headers.insert(REQUEST_ID, value.clone());
     }
 }
 
@@ -861,20 +892,22 @@ mod tests {
             config: ClientConfig::default(),
         };
         let client = ServiceClient::new(settings, &ca.ca_cert_path(), &mut metrics).unwrap();
-        let mut config = ReverseProxyConfig::default();
-        config.routes = vec![RouteConfig {
-            prefix: "/static/".into(),
-            service: String::new(),
-            strip_prefix: Some("/static".into()),
-            auth: false,
-            upstream: Some(StaticUpstream {
-                addrs,
-                protocol: UpstreamProtocol::Http1,
-                pool_idle_timeout_ms: 1000,
-                pool_max_idle_per_addr: 4,
-            }),
-        }];
-        config.request_timeout_ms = 2000;
+        let config = ReverseProxyConfig {
+            routes: vec![RouteConfig {
+                prefix: "/static/".into(),
+                service: String::new(),
+                strip_prefix: Some("/static".into()),
+                auth: false,
+                upstream: Some(StaticUpstream {
+                    addrs,
+                    protocol: UpstreamProtocol::Http1,
+                    pool_idle_timeout_ms: 1000,
+                    pool_max_idle_per_addr: 4,
+                }),
+            }],
+            request_timeout_ms: 2000,
+            ..ReverseProxyConfig::default()
+        };
         let gateway = Arc::new(
             Gateway::new(
                 "reverse-proxy-test".into(),
