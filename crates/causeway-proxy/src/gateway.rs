@@ -877,6 +877,7 @@ mod tests {
     /// A gateway with one public route to fixed `addrs`, serving plain HTTP on a free port.
     async fn static_gateway(
         addrs: Vec<SocketAddr>,
+        protocol: UpstreamProtocol,
     ) -> (SocketAddr, causeway_core::serve::ShutdownTrigger) {
         use causeway_core::topology::ClientConfig;
         let dir = std::env::temp_dir().join(format!(
@@ -892,6 +893,8 @@ mod tests {
             config: ClientConfig::default(),
         };
         let client = ServiceClient::new(settings, &ca.ca_cert_path(), &mut metrics).unwrap();
+        // The client has read the CA; nothing else is needed from the directory.
+        let _ = std::fs::remove_dir_all(&dir);
         let config = ReverseProxyConfig {
             routes: vec![RouteConfig {
                 prefix: "/static/".into(),
@@ -900,7 +903,7 @@ mod tests {
                 auth: false,
                 upstream: Some(StaticUpstream {
                     addrs,
-                    protocol: UpstreamProtocol::Http1,
+                    protocol,
                     pool_idle_timeout_ms: 1000,
                     pool_max_idle_per_addr: 4,
                 }),
@@ -938,7 +941,7 @@ mod tests {
         (addr, trigger)
     }
 
-    /// An HTTP/1.1 upstream answering every request with its path and trace headers.
+    /// An upstream (HTTP/1.1 or h2c) answering with the path, protocol and trace headers it saw.
     async fn echo_upstream() -> SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -946,17 +949,21 @@ mod tests {
             while let Ok((stream, _)) = listener.accept().await {
                 let service = hyper::service::service_fn(|request: Request<Incoming>| async move {
                     let body = format!(
-                        "upstream saw {} traceparent={} forwarded-proto={}",
-                        request.uri(),
+                        "upstream saw {} over {:?} traceparent={} forwarded-proto={}",
+                        request.uri().path_and_query().map_or("", |pq| pq.as_str()),
+                        request.version(),
                         request.headers().contains_key(TRACEPARENT),
                         request.headers()[&X_FORWARDED_PROTO].to_str().unwrap_or(""),
                     );
                     Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(body))))
                 });
-                tokio::spawn(
-                    hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
-                );
+                tokio::spawn(async move {
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let _ = builder
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
             }
         });
         addr
@@ -965,22 +972,29 @@ mod tests {
     #[tokio::test]
     async fn static_upstream_routes_answer_through_the_gateway() {
         let upstream = echo_upstream().await;
-        let (gateway, _stop) = static_gateway(vec![upstream]).await;
-        for _ in 0..3 {
-            let (status, body) = causeway_client::plain_http::request(
-                http::Method::GET,
-                gateway,
-                "/static/hello?x=1",
-                None,
-                Duration::from_secs(5),
-            )
-            .await
-            .unwrap();
-            assert_eq!(status, StatusCode::OK);
-            assert_eq!(
-                std::str::from_utf8(&body).unwrap(),
-                "upstream saw /hello?x=1 traceparent=true forwarded-proto=http"
-            );
+        for (protocol, version) in [
+            (UpstreamProtocol::Http1, "HTTP/1.1"),
+            (UpstreamProtocol::H2c, "HTTP/2.0"),
+        ] {
+            let (gateway, _stop) = static_gateway(vec![upstream], protocol).await;
+            for _ in 0..3 {
+                let (status, body) = causeway_client::plain_http::request(
+                    http::Method::GET,
+                    gateway,
+                    "/static/hello?x=1",
+                    None,
+                    Duration::from_secs(5),
+                )
+                .await
+                .unwrap();
+                assert_eq!(status, StatusCode::OK);
+                assert_eq!(
+                    std::str::from_utf8(&body).unwrap(),
+                    format!(
+                        "upstream saw /hello?x=1 over {version} traceparent=true forwarded-proto=http"
+                    )
+                );
+            }
         }
     }
 
@@ -990,7 +1004,7 @@ mod tests {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             listener.local_addr().unwrap()
         };
-        let (gateway, _stop) = static_gateway(vec![dead]).await;
+        let (gateway, _stop) = static_gateway(vec![dead], UpstreamProtocol::Http1).await;
         let (status, body) = causeway_client::plain_http::request(
             http::Method::GET,
             gateway,
