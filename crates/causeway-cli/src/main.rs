@@ -6,7 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use causeway_cli::{
-    bench, bench_proxy, bench_queue, component, demo, demo_grpc, demo_queue, queue, status, supervisor,
+    bench, bench_proxy, bench_queue, component, demo, demo_grpc, demo_queue, queue, status,
+    supervisor,
 };
 use causeway_core::{DataDir, Topology};
 use clap::{Parser, Subcommand};
