@@ -3,7 +3,10 @@
 //! local run and a cluster.
 //!
 //! Only what routing needs is read: `metadata.name`/`namespace`, `spec.ingressClassName`,
-//! `spec.defaultBackend`, `spec.tls[]` and `spec.rules[]`; every other field (labels,
+//! `spec.defaultBackend`, `spec.tls[]` and `spec.rules[]`, plus Causeway's own annotations (as
+//! ingress-nginx reads `nginx.ingress.kubernetes.io/*`): [`STRIP_PREFIX_ANNOTATION`] removes a
+//! path prefix before forwarding, and [`AUTH_ANNOTATION`] `"false"` makes the Ingress's routes
+//! public (by default the gateway requires a valid token). Every other field (labels, other
 //! annotations, `status`, ...) is ignored, as a controller ignores what it doesn't implement.
 //! Matching follows <https://kubernetes.io/docs/concepts/services-networking/ingress/>:
 //!
@@ -112,7 +115,17 @@ pub struct Route {
     /// The path as written, `None` for the default backend.
     pub path: Option<String>,
     pub path_type: Option<PathType>,
+    /// From [`STRIP_PREFIX_ANNOTATION`]: removed from the path before forwarding.
+    pub strip_prefix: Option<String>,
+    /// From [`AUTH_ANNOTATION`]: whether a valid token is required (the default).
+    pub auth: bool,
 }
+
+/// Annotation naming a path prefix the gateway removes before forwarding (`/api`: the edge's
+/// `/api/users/1` reaches User Service as `/users/1`).
+pub const STRIP_PREFIX_ANNOTATION: &str = "causeway.dev/strip-prefix";
+/// Annotation; `"false"` makes the Ingress's routes public.
+pub const AUTH_ANNOTATION: &str = "causeway.dev/auth";
 
 /// One `spec.tls[]` entry: the certificate (a Secret's name, which the caller maps to files) for
 /// these hosts; empty `hosts` means the default certificate.
@@ -316,6 +329,8 @@ struct Document {
 struct Metadata {
     name: Option<String>,
     namespace: Option<String>,
+    #[serde(default)]
+    annotations: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -461,6 +476,26 @@ impl Builder {
             .name
             .ok_or_else(|| cx.invalid("metadata.name", "missing"))?;
         cx.ingress = format!("{namespace}/{name}");
+        let annotations = &document.metadata.annotations;
+        let strip_prefix = annotations.get(STRIP_PREFIX_ANNOTATION).cloned();
+        if let Some(prefix) = &strip_prefix
+            && (!prefix.starts_with('/') || prefix.ends_with('/'))
+        {
+            return Err(cx.invalid(
+                &format!("metadata.annotations[{STRIP_PREFIX_ANNOTATION}]"),
+                format!("{prefix:?} must start with '/' and not end with one"),
+            ));
+        }
+        let auth = match annotations.get(AUTH_ANNOTATION).map(String::as_str) {
+            None | Some("true") => true,
+            Some("false") => false,
+            Some(other) => {
+                return Err(cx.invalid(
+                    &format!("metadata.annotations[{AUTH_ANNOTATION}]"),
+                    format!("is {other:?}; expected \"true\" or \"false\""),
+                ));
+            }
+        };
         let spec = document.spec.ok_or_else(|| cx.invalid("spec", "missing"))?;
         if spec
             .ingress_class_name
@@ -480,6 +515,8 @@ impl Builder {
                 host: None,
                 path: None,
                 path_type: None,
+                strip_prefix: strip_prefix.clone(),
+                auth,
             };
             match &self.routes.default_backend {
                 Some(existing) if existing.backend != route.backend => {
@@ -581,6 +618,8 @@ impl Builder {
                         host: host.clone(),
                         path: Some(path),
                         path_type: Some(path_type),
+                        strip_prefix: strip_prefix.clone(),
+                        auth,
                     },
                 });
                 self.routes.route_count += 1;
@@ -1030,6 +1069,39 @@ spec:
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    #[test]
+    fn causeway_annotations_strip_prefixes_and_open_routes() {
+        let yaml = r#"
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata:
+  name: public
+  annotations: {causeway.dev/strip-prefix: /v1, causeway.dev/auth: "false"}
+spec:
+  rules:
+  - http: {paths: [{path: /v1/status, pathType: Prefix, backend: {service: {name: status, port: {number: 80}}}}]}
+"#;
+        let routes = IngressRoutes::from_yaml_str(yaml).unwrap();
+        let route = routes.lookup_route(None, "/v1/status/now").unwrap();
+        assert_eq!(route.strip_prefix.as_deref(), Some("/v1"));
+        assert!(!route.auth);
+        for bad in [
+            "causeway.dev/auth: maybe",
+            "causeway.dev/strip-prefix: v1",
+            "causeway.dev/strip-prefix: /v1/",
+        ] {
+            let yaml = yaml.replace(
+                r#"causeway.dev/strip-prefix: /v1, causeway.dev/auth: "false""#,
+                bad,
+            );
+            let err = IngressRoutes::from_yaml_str(&yaml).unwrap_err().to_string();
+            assert!(
+                err.contains("metadata.annotations[causeway.dev/"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
     /// deploy/k8s/ingress.yaml routes each of the topology's default edge routes to the same
     /// service, and nothing else.
     #[test]
@@ -1050,11 +1122,13 @@ spec:
                 format!("{base}/a/b"),
             ] {
                 for host in [None, Some("localhost:8443"), Some("causeway.local")] {
-                    let backend = routes
-                        .lookup(host, &path)
+                    let matched = routes
+                        .lookup_route(host, &path)
                         .unwrap_or_else(|| panic!("{path} via {host:?} has no route"));
-                    assert_eq!(backend.service, route.service, "{path}");
-                    assert_eq!(backend.port, ServicePort::Name("https".into()));
+                    assert_eq!(matched.backend.service, route.service, "{path}");
+                    assert_eq!(matched.backend.port, ServicePort::Name("https".into()));
+                    assert_eq!(matched.strip_prefix, route.strip_prefix, "{path}");
+                    assert_eq!(matched.auth, route.auth, "{path}");
                 }
             }
         }
