@@ -287,6 +287,22 @@ impl IngressRoutes {
     pub fn route_count(&self) -> usize {
         self.route_count
     }
+
+    /// Every route (path rules, then the default backend), each once.
+    pub fn routes(&self) -> impl Iterator<Item = &Route> {
+        let mut exact: Vec<_> = self.exact_hosts.iter().collect();
+        let mut wildcard: Vec<_> = self.wildcard_hosts.iter().collect();
+        // Hash maps iterate in any order; routes should list the same way every time.
+        exact.sort_by(|a, b| a.0.cmp(b.0));
+        wildcard.sort_by(|a, b| a.0.cmp(b.0));
+        exact
+            .into_iter()
+            .chain(wildcard)
+            .map(|(_, table)| table)
+            .chain(std::iter::once(&self.any_host))
+            .flat_map(|table| table.rules.iter().map(|rule| &rule.route))
+            .chain(self.default_backend.iter())
+    }
 }
 
 /// Whether a rule host (exact or `*.suffix`) covers a normalized request host.
