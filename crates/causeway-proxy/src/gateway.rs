@@ -31,23 +31,14 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::auth::{AuthError, Verifier};
+use crate::hygiene::{self, Forwarding, Upgrade};
 
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
 /// Set by the gateway for the services behind it; never taken from the client.
 pub const AUTHENTICATED_SUBJECT: HeaderName = HeaderName::from_static("x-authenticated-subject");
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-
-/// Hop-by-hop headers, not passed on in either direction (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; 5] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::TRAILER,
-];
+/// This proxy's name in `Via` (a pseudonym: instance names stay internal).
+const VIA_NAME: &str = "causeway";
 
 pub struct Gateway {
     instance: String,
@@ -78,6 +69,8 @@ enum ClientKey {
 
 enum Refusal {
     Status(StatusCode, &'static str, String),
+    /// A hygiene or limit refusal (already logged).
+    Hygiene(hygiene::Refusal),
     Unauthorized(AuthError),
     RateLimited(Duration),
 }
@@ -261,6 +254,40 @@ impl Gateway {
         )
     }
 
+    /// Request headers as they leave for the upstream: hop-by-hop fields removed (`Upgrade` too:
+    /// WebSocket upgrades are not proxied yet; `te: trailers` stays for gRPC), the subject header
+    /// only as the gateway set it, then `X-Forwarded-*`, `Forwarded` and `Via` for this hop.
+    fn prepare_request_headers(
+        &self,
+        headers: &mut HeaderMap,
+        version: http::Version,
+        authority: Option<&Authority>,
+        peer: SocketAddr,
+        subject: Option<&str>,
+    ) {
+        hygiene::strip_hop_by_hop(headers, Upgrade::Strip);
+        headers.remove(AUTHENTICATED_SUBJECT);
+        if let Some(value) = subject.and_then(|sub| HeaderValue::from_str(sub).ok()) {
+            headers.insert(AUTHENTICATED_SUBJECT, value);
+        }
+        // HTTP/1.1 names the host in `Host`, HTTP/2 in `:authority`.
+        let host = headers
+            .get(header::HOST)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned)
+            .or_else(|| authority.map(|authority| authority.as_str().to_owned()));
+        hygiene::add_forwarding_headers(
+            headers,
+            &Forwarding {
+                peer,
+                proto: if self.plain_http { "http" } else { "https" },
+                host: host.as_deref(),
+                version,
+                proxy_name: VIA_NAME,
+            },
+        );
+    }
+
     /// Handles one request from `peer`.
     pub async fn handle(
         &self,
@@ -349,6 +376,11 @@ impl Gateway {
         trace: &TraceContext,
         request_id: Option<&HeaderValue>,
     ) -> Result<(Response<ProxyBody>, Cow<'a, str>), Refusal> {
+        // Framing first: nothing else may act on a request whose end is in doubt.
+        hygiene::check_request_head(request.version(), request.headers()).map_err(|refusal| {
+            refusal.log(peer);
+            Refusal::Hygiene(refusal)
+        })?;
         let route = route.ok_or_else(|| {
             Refusal::Status(
                 StatusCode::NOT_FOUND,
@@ -451,20 +483,12 @@ impl Gateway {
         parts.uri = Uri::from_parts(uri)
             .map_err(|err| Refusal::Status(StatusCode::BAD_REQUEST, "bad_path", err.to_string()))?;
         let headers = &mut parts.headers;
-        for name in HOP_BY_HOP {
-            headers.remove(name);
-        }
-        headers.remove(AUTHENTICATED_SUBJECT);
-        if let Some(sub) = &subject
-            && let Ok(value) = HeaderValue::from_str(sub)
-        {
-            headers.insert(AUTHENTICATED_SUBJECT, value);
-        }
-        add_forwarding_headers(
+        self.prepare_request_headers(
             headers,
+            parts.version,
+            original_authority.as_ref(),
             peer,
-            original_authority.as_ref().map(Authority::as_str),
-            self.plain_http,
+            subject.as_deref(),
         );
         inject_trace(trace, request_id, headers);
         // HTTP/1.1 or h2c towards the upstream, whatever the client spoke.
@@ -499,9 +523,7 @@ impl Gateway {
                 )
             })?;
         let (mut parts, body) = response.into_parts();
-        for name in HOP_BY_HOP {
-            parts.headers.remove(name);
-        }
+        prepare_response_headers(&mut parts.headers, parts.version);
         let body = body.map_err(|err| -> BoxError { Box::new(err) }).boxed();
         Ok((Response::from_parts(parts, body), &pool.details[index]))
     }
@@ -526,17 +548,12 @@ impl Gateway {
             )
         })?;
         let mut headers = parts.headers.clone();
-        headers.remove(AUTHENTICATED_SUBJECT);
-        if let Some(sub) = &subject
-            && let Ok(value) = HeaderValue::from_str(sub)
-        {
-            headers.insert(AUTHENTICATED_SUBJECT, value);
-        }
-        add_forwarding_headers(
+        self.prepare_request_headers(
             &mut headers,
+            parts.version,
+            parts.uri.authority(),
             peer,
-            parts.uri.authority().map(|a| a.as_str()),
-            self.plain_http,
+            subject.as_deref(),
         );
         let options = CallOptions {
             deadline: Some(self.request_timeout),
@@ -583,9 +600,7 @@ impl Gateway {
             route.service,
         );
         let (mut parts, body) = response.into_parts();
-        for name in HOP_BY_HOP {
-            parts.headers.remove(name);
-        }
+        prepare_response_headers(&mut parts.headers, parts.version);
         let body = body.map_err(|err| -> BoxError { Box::new(err) }).boxed();
         Ok((Response::from_parts(parts, body), detail))
     }
@@ -667,32 +682,11 @@ fn escape_description(text: &str) -> String {
     out
 }
 
-fn add_forwarding_headers(
-    headers: &mut HeaderMap,
-    peer: SocketAddr,
-    authority: Option<&str>,
-    plain_http: bool,
-) {
-    let client_ip = peer.ip().to_string();
-    let forwarded_for = match headers
-        .get(&X_FORWARDED_FOR)
-        .and_then(|value| value.to_str().ok())
-    {
-        Some(earlier) => format!("{earlier}, {client_ip}"),
-        None => client_ip,
-    };
-    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
-        headers.insert(X_FORWARDED_FOR, value);
-    }
-    let proto = if plain_http { "http" } else { "https" };
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-    let host = headers
-        .get(header::HOST)
-        .cloned()
-        .or_else(|| authority.and_then(|a| HeaderValue::from_str(a).ok()));
-    if let Some(host) = host {
-        headers.insert(X_FORWARDED_HOST, host);
-    }
+/// Response headers as they go back to the client: hop-by-hop fields gone, this hop in `Via`
+/// (with the protocol the upstream answered in).
+fn prepare_response_headers(headers: &mut HeaderMap, version: http::Version) {
+    hygiene::strip_hop_by_hop(headers, Upgrade::Strip);
+    hygiene::add_via(headers, version, VIA_NAME);
 }
 
 fn full(response: Response<Full<Bytes>>) -> Response<ProxyBody> {
@@ -705,7 +699,12 @@ fn grpc_refusal(refusal: Refusal) -> Response<ProxyBody> {
     let (code, message, retry_after) = match refusal {
         Refusal::Unauthorized(err) => (16, err.to_string(), None),
         Refusal::RateLimited(wait) => (8, "too many requests".to_string(), Some(wait)),
-        Refusal::Status(status, _, message) => {
+        Refusal::Status(status, _, message)
+        | Refusal::Hygiene(hygiene::Refusal {
+            status,
+            detail: message,
+            ..
+        }) => {
             let code = match status {
                 StatusCode::BAD_REQUEST => 3,
                 StatusCode::NOT_FOUND => 12,
@@ -756,6 +755,22 @@ fn refusal_response(refusal: Refusal, request_id: &str) -> Response<ProxyBody> {
     match refusal {
         Refusal::Status(status, code, message) => {
             full(error_response(status, code, message, Some(request_id)))
+        }
+        Refusal::Hygiene(refusal) => {
+            let mut response = full(error_response(
+                refusal.status,
+                refusal.reason,
+                refusal.detail,
+                Some(request_id),
+            ));
+            // After a malformed head the next request on the connection cannot be trusted to
+            // start where we think it does.
+            if refusal.status == StatusCode::BAD_REQUEST {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            response
         }
         Refusal::Unauthorized(err) => {
             let mut response = full(error_response(
@@ -863,54 +878,64 @@ mod tests {
         );
     }
 
-    #[test]
-    fn forwarding_headers_append_to_earlier_hops() {
-        let mut headers = HeaderMap::new();
-        headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
-        headers.insert(header::HOST, HeaderValue::from_static("localhost:8443"));
-        add_forwarding_headers(&mut headers, "127.0.0.1:5000".parse().unwrap(), None, false);
-        assert_eq!(headers[&X_FORWARDED_FOR], "10.0.0.1, 127.0.0.1");
-        assert_eq!(headers[&X_FORWARDED_PROTO], "https");
-        assert_eq!(headers[&X_FORWARDED_HOST], "localhost:8443");
-    }
-
     /// A gateway with one public route to fixed `addrs`, serving plain HTTP on a free port.
     async fn static_gateway(
         addrs: Vec<SocketAddr>,
         protocol: UpstreamProtocol,
     ) -> (SocketAddr, causeway_core::serve::ShutdownTrigger) {
+        let mut metrics = causeway_core::telemetry::Metrics::new("reverse-proxy", "test");
+        let client = idle_client(&mut metrics);
+        let config = ReverseProxyConfig {
+            routes: vec![static_route(addrs, protocol)],
+            request_timeout_ms: 2000,
+            ..ReverseProxyConfig::default()
+        };
+        start_gateway(config, client, metrics).await
+    }
+
+    fn static_route(addrs: Vec<SocketAddr>, protocol: UpstreamProtocol) -> RouteConfig {
+        RouteConfig {
+            prefix: "/static/".into(),
+            service: String::new(),
+            strip_prefix: Some("/static".into()),
+            auth: false,
+            upstream: Some(StaticUpstream {
+                addrs,
+                protocol,
+                pool_idle_timeout_ms: 1000,
+                pool_max_idle_per_addr: 4,
+            }),
+        }
+    }
+
+    /// A service client that never finds anything (static routes do not use it).
+    fn idle_client(metrics: &mut causeway_core::telemetry::Metrics) -> ServiceClient {
         use causeway_core::topology::ClientConfig;
         let dir = std::env::temp_dir().join(format!(
             "causeway-gateway-test-{}-{}",
             std::process::id(),
-            addrs[0].port()
+            NEXT_DIR.fetch_add(1, Ordering::Relaxed)
         ));
         let ca = causeway_core::tls::LocalCa::load_or_create(&dir).unwrap();
-        let mut metrics = causeway_core::telemetry::Metrics::new("reverse-proxy", "test");
         let settings = causeway_client::ClientSettings {
             dns_addr: "127.0.0.1:9".parse().unwrap(),
             zone: "internal".into(),
             config: ClientConfig::default(),
         };
-        let client = ServiceClient::new(settings, &ca.ca_cert_path(), &mut metrics).unwrap();
+        let client = ServiceClient::new(settings, &ca.ca_cert_path(), metrics).unwrap();
         // The client has read the CA; nothing else is needed from the directory.
         let _ = std::fs::remove_dir_all(&dir);
-        let config = ReverseProxyConfig {
-            routes: vec![RouteConfig {
-                prefix: "/static/".into(),
-                service: String::new(),
-                strip_prefix: Some("/static".into()),
-                auth: false,
-                upstream: Some(StaticUpstream {
-                    addrs,
-                    protocol,
-                    pool_idle_timeout_ms: 1000,
-                    pool_max_idle_per_addr: 4,
-                }),
-            }],
-            request_timeout_ms: 2000,
-            ..ReverseProxyConfig::default()
-        };
+        client
+    }
+
+    static NEXT_DIR: AtomicUsize = AtomicUsize::new(0);
+
+    /// Serves `config` on plain HTTP on a free port until the trigger fires or drops.
+    async fn start_gateway(
+        config: ReverseProxyConfig,
+        client: ServiceClient,
+        mut metrics: causeway_core::telemetry::Metrics,
+    ) -> (SocketAddr, causeway_core::serve::ShutdownTrigger) {
         let gateway = Arc::new(
             Gateway::new(
                 "reverse-proxy-test".into(),
@@ -953,7 +978,9 @@ mod tests {
                         request.uri().path_and_query().map_or("", |pq| pq.as_str()),
                         request.version(),
                         request.headers().contains_key(TRACEPARENT),
-                        request.headers()[&X_FORWARDED_PROTO].to_str().unwrap_or(""),
+                        request.headers()["x-forwarded-proto"]
+                            .to_str()
+                            .unwrap_or(""),
                     );
                     Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(body))))
                 });
@@ -1019,5 +1046,138 @@ mod tests {
         assert_eq!(error["error"], "upstream_unavailable", "{error}");
         let message = error["message"].as_str().unwrap_or_default();
         assert!(message.contains(&dead.to_string()), "{message}");
+    }
+
+    /// An upstream answering with the request headers it saw as a JSON object (one string per
+    /// name, lines joined with "\n"), and with hop-by-hop headers of its own on the response.
+    async fn header_echo_upstream() -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let service = hyper::service::service_fn(|request: Request<Incoming>| async move {
+                    let mut seen = serde_json::Map::new();
+                    for name in request.headers().keys() {
+                        let lines: Vec<&str> = request
+                            .headers()
+                            .get_all(name)
+                            .iter()
+                            .map(|value| value.to_str().unwrap_or("?"))
+                            .collect();
+                        seen.insert(name.to_string(), lines.join("\n").into());
+                    }
+                    let body = serde_json::to_vec(&seen).unwrap_or_default();
+                    let response = Response::builder()
+                        .header("connection", "x-upstream-hop")
+                        .header("x-upstream-hop", "1")
+                        .header("keep-alive", "timeout=5")
+                        .body(Full::new(Bytes::from(body)))
+                        .unwrap();
+                    Ok::<_, std::convert::Infallible>(response)
+                });
+                tokio::spawn(async move {
+                    let builder = hyper::server::conn::http1::Builder::new();
+                    let _ = builder
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// Sends `raw` as is and reads the answer until the server closes the connection.
+    async fn raw_exchange(addr: SocketAddr, raw: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.write_all(raw.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    /// The head of an HTTP/1.1 answer, lower-cased, and its body.
+    fn split_answer(answer: &str) -> (String, &str) {
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((answer, ""));
+        (head.to_ascii_lowercase(), body)
+    }
+
+    #[tokio::test]
+    async fn hop_by_hop_headers_stop_here_and_forwarding_headers_are_added() {
+        let upstream = header_echo_upstream().await;
+        let (gateway, _stop) = static_gateway(vec![upstream], UpstreamProtocol::Http1).await;
+        let answer = raw_exchange(
+            gateway,
+            "GET /static/h HTTP/1.1\r\nHost: shop.example:8080\r\n\
+             Connection: close, x-secret-hop\r\nx-secret-hop: 1\r\nKeep-Alive: timeout=9\r\n\
+             Proxy-Authorization: Basic eA==\r\nTE: trailers, deflate\r\nUpgrade: websocket\r\n\
+             X-Forwarded-For: 10.9.8.7\r\nx-authenticated-subject: forged\r\n\
+             x-end-to-end: kept\r\n\r\n",
+        )
+        .await;
+        let (head, body) = split_answer(&answer);
+        assert!(head.starts_with("http/1.1 200"), "{answer}");
+        let seen: serde_json::Value = serde_json::from_str(body).unwrap();
+        for gone in [
+            "x-secret-hop",
+            "keep-alive",
+            "proxy-authorization",
+            "upgrade",
+            "x-authenticated-subject",
+        ] {
+            assert!(
+                seen.get(gone).is_none(),
+                "{gone} reached the upstream: {seen}"
+            );
+        }
+        // hyper's client sets its own `connection` only when it closes; never the client's.
+        assert_ne!(seen["connection"], "close, x-secret-hop", "{seen}");
+        assert_eq!(seen["te"], "trailers", "{seen}");
+        assert_eq!(seen["x-end-to-end"], "kept");
+        assert_eq!(seen["x-forwarded-for"], "10.9.8.7, 127.0.0.1", "{seen}");
+        assert_eq!(seen["x-forwarded-proto"], "http");
+        assert_eq!(seen["x-forwarded-host"], "shop.example:8080");
+        let forwarded = seen["forwarded"].as_str().unwrap_or_default();
+        assert!(
+            forwarded.starts_with("for=\"127.0.0.1:")
+                && forwarded.ends_with(";proto=http;host=\"shop.example:8080\""),
+            "{forwarded}"
+        );
+        assert_eq!(seen["via"], "1.1 causeway");
+        // And on the way back: the upstream's hop-by-hop headers stay behind, Via is added.
+        assert!(!head.contains("x-upstream-hop"), "{head}");
+        assert!(!head.contains("keep-alive"), "{head}");
+        assert!(head.contains("\r\nvia: 1.1 causeway"), "{head}");
+    }
+
+    #[tokio::test]
+    async fn a_smuggling_attempt_gets_400_and_the_next_request_works() {
+        let upstream = echo_upstream().await;
+        let (gateway, _stop) = static_gateway(vec![upstream], UpstreamProtocol::Http1).await;
+        // hyper accepts `gzip, chunked` (its last coding is chunked); the check does not.
+        let answer = raw_exchange(
+            gateway,
+            "POST /static/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n\
+             0\r\n\r\nGET /static/smuggled HTTP/1.1\r\nHost: a\r\n\r\n",
+        )
+        .await;
+        let (head, body) = split_answer(&answer);
+        assert!(head.starts_with("http/1.1 400"), "{answer}");
+        assert!(head.contains("connection: close"), "{head}");
+        assert!(
+            !answer.contains("smuggled"),
+            "the smuggled request was answered: {answer}"
+        );
+        let error: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(error["error"], "transfer_encoding_not_chunked", "{error}");
+        assert!(error["request_id"].is_string(), "{error}");
+
+        let answer = raw_exchange(
+            gateway,
+            "GET /static/ok HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.contains("upstream saw /ok"), "{answer}");
     }
 }
