@@ -558,6 +558,7 @@ fn bench_gateway(upstream: SocketAddr, data_dir: &Path) -> anyhow::Result<causew
             protocol: UpstreamProtocol::Http1,
             pool_idle_timeout_ms: 90_000,
             pool_max_idle_per_addr: 256,
+            policy: Default::default(),
         }),
     }];
     let key = b"bench-only-key-not-for-tokens";

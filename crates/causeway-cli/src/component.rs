@@ -311,6 +311,7 @@ async fn start_reverse_proxy(
     let gateway = Arc::new(Gateway::new(launch.instance(), config, &key, client, http));
     let mut tasks = announce(launch, listen, admin, metrics, &shutdown).await?;
 
+    let gateway_limits = gateway.limits().clone();
     let sweeper = gateway.clone();
     let mut sweeper_shutdown = shutdown.clone();
     tasks.push(tokio::spawn(async move {
@@ -328,13 +329,20 @@ async fn start_reverse_proxy(
             async move { Ok::<_, Infallible>(gateway.handle(request, peer).await) }
         })
     };
-    tasks.push(tokio::spawn(serve::serve(
-        listener,
-        Some(tls),
-        make_service,
-        shutdown,
-        DRAIN,
-    )));
+    let limits = gateway_limits;
+    let connections = causeway_proxy::hygiene::ConnectionLimiter::new(limits.max_connections);
+    tasks.push(tokio::spawn(async move {
+        serve::serve_limited(
+            listener,
+            Some(tls),
+            make_service,
+            shutdown,
+            DRAIN,
+            Some(&limits),
+            connections,
+        )
+        .await
+    }));
     Ok(tasks)
 }
 

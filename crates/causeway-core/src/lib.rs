@@ -5,6 +5,7 @@
 //! loop with graceful shutdown and the admin endpoint.
 
 pub mod launch;
+pub mod proxy_config;
 pub mod queue_policy;
 pub mod registry_api;
 pub mod serve;

@@ -15,10 +15,11 @@ use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
+use crate::proxy_config::Limits;
 use crate::telemetry::Metrics;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -93,7 +94,7 @@ pub async fn serve<M, S, B>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     make_service: M,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
     drain: Duration,
 ) where
     M: Fn(SocketAddr) -> S,
@@ -104,14 +105,85 @@ pub async fn serve<M, S, B>(
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
+    serve_limited(
+        listener,
+        tls,
+        make_service,
+        shutdown,
+        drain,
+        None,
+        Unlimited,
+    )
+    .await
+}
+
+/// Whether a new connection is served: a permit held for the connection's life, or a refusal.
+/// The proxy's connection limiter implements it; core cannot know its refusal type.
+pub trait Admission: Send + Sync + 'static {
+    type Permit: Send + 'static;
+    /// `None` refuses the connection (the implementation logs why).
+    fn admit(&self, peer: SocketAddr) -> Option<Self::Permit>;
+    /// Answers a refused plain-HTTP connection before it is closed (TLS ones are just closed).
+    fn refuse(&self, stream: TcpStream) -> impl Future<Output = ()> + Send + 'static;
+}
+
+/// Admits every connection ([`serve`]).
+struct Unlimited;
+
+impl Admission for Unlimited {
+    type Permit = ();
+
+    fn admit(&self, _peer: SocketAddr) -> Option<()> {
+        Some(())
+    }
+
+    fn refuse(&self, _stream: TcpStream) -> impl Future<Output = ()> + Send + 'static {
+        std::future::ready(())
+    }
+}
+
+/// [`serve`] under a proxy listener's [`Limits`], if given: header size and count and the
+/// header-read timeout on hyper's builders; each connection admitted by `admission` (max
+/// connections).
+/// Body size and request timeout are the service's to enforce, since it answers for them.
+pub async fn serve_limited<M, S, B, A>(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    make_service: M,
+    mut shutdown: Shutdown,
+    drain: Duration,
+    limits: Option<&Limits>,
+    admission: A,
+) where
+    M: Fn(SocketAddr) -> S,
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+    A: Admission,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    if let Some(limits) = limits {
+        limits.apply_auto(&mut builder);
+    }
     let graceful = GracefulShutdown::new();
-    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    let builder = Arc::new(builder);
     while let Some((stream, peer)) = accept(&listener, &mut shutdown).await {
+        let Some(permit) = admission.admit(peer) else {
+            if tls.is_none() {
+                // Answered off the accept loop: a slow client must not hold up the others.
+                tokio::spawn(admission.refuse(stream));
+            }
+            continue;
+        };
         let service = make_service(peer);
         let builder = builder.clone();
         let tls = tls.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
+            let _permit = permit;
             let result = match tls {
                 Some(acceptor) => {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {

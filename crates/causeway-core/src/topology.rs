@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::proxy_config::{Limits, UpstreamConfig};
 use crate::queue_policy::{QueuePolicy, QueueSpec, validate_queue_name};
 use crate::registry_api::is_dns_label;
 
@@ -210,8 +211,12 @@ pub struct ReverseProxyConfig {
     pub server_names: Vec<String>,
     /// Larger request bodies are refused with 413.
     pub max_body_bytes: usize,
-    /// Whole-request deadline at the gateway.
+    /// Whole-request deadline at the gateway (also the deadline of a static route's retries).
     pub request_timeout_ms: u64,
+    /// What the listener accepts: header size and count (431), header-read/idle timeout, max
+    /// connections (503). Its `max_body_bytes` and `request_timeout_ms` are the two keys above
+    /// (kept from before `limits` existed); setting them here to other values is an error.
+    pub limits: Limits,
     pub jwt: JwtConfig,
     pub rate_limit: RateLimitConfig,
     pub routes: Vec<RouteConfig>,
@@ -226,6 +231,7 @@ impl Default for ReverseProxyConfig {
             server_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
             max_body_bytes: 1024 * 1024,
             request_timeout_ms: 10_000,
+            limits: Limits::default(),
             jwt: JwtConfig::default(),
             rate_limit: RateLimitConfig::default(),
             routes: vec![
@@ -267,6 +273,54 @@ impl Default for ReverseProxyConfig {
                 },
             ],
         }
+    }
+}
+
+impl ReverseProxyConfig {
+    /// The listener's limits with the section's own body and request limits.
+    pub fn listener_limits(&self) -> Limits {
+        Limits {
+            max_body_bytes: self.max_body_bytes,
+            request_timeout_ms: self.request_timeout_ms,
+            ..self.limits.clone()
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let defaults = Limits::default();
+        // Either place may name them, but not with two different values.
+        for (key, own, in_limits, default) in [
+            (
+                "max_body_bytes",
+                self.max_body_bytes as u64,
+                self.limits.max_body_bytes as u64,
+                defaults.max_body_bytes as u64,
+            ),
+            (
+                "request_timeout_ms",
+                self.request_timeout_ms,
+                self.limits.request_timeout_ms,
+                defaults.request_timeout_ms,
+            ),
+        ] {
+            if in_limits != own && in_limits != default {
+                return Err(format!(
+                    "reverse_proxy.limits.{key} = {in_limits} conflicts with reverse_proxy.{key} = {own}; set reverse_proxy.{key}"
+                ));
+            }
+        }
+        self.listener_limits()
+            .validate()
+            .map_err(|err| format!("reverse_proxy.{err}"))?;
+        for route in &self.routes {
+            if let Some(upstream) = &route.upstream {
+                upstream
+                    .policy
+                    .validate()
+                    .map_err(|err| format!("route {}: upstream.policy: {err}", route.prefix))?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -327,7 +381,7 @@ pub struct RouteConfig {
 }
 
 /// Upstreams outside discovery, reached over plain HTTP through a pool of kept-alive
-/// connections; requests take the addresses in turn.
+/// connections, balanced and retried as `policy` says.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StaticUpstream {
@@ -340,6 +394,12 @@ pub struct StaticUpstream {
     /// At most this many idle connections are kept per address.
     #[serde(default = "default_pool_max_idle")]
     pub pool_max_idle_per_addr: usize,
+    /// Balancing, outlier detection, active health checks and retries over `addrs`; by default
+    /// least-request (P2C over EWMA latency), ejection after 5 consecutive 5xx or connect
+    /// failures, idempotent requests retried twice on connect failure or 503 within a 20 %
+    /// budget, no active checks. The retry deadline is at most the gateway's request timeout.
+    #[serde(default)]
+    pub policy: UpstreamConfig,
 }
 
 /// How a static upstream is spoken to.
@@ -577,6 +637,9 @@ impl Topology {
         if limit.requests_per_second == 0 || limit.burst == 0 {
             return invalid("reverse_proxy.rate_limit values must be positive".into());
         }
+        self.reverse_proxy
+            .validate()
+            .map_err(TopologyError::Invalid)?;
         for route in &self.reverse_proxy.routes {
             if !route.prefix.starts_with('/') {
                 return invalid(format!(
@@ -656,6 +719,40 @@ mod tests {
         assert_eq!(topology.broker, BrokerConfig::default());
         assert_eq!(topology.messaging, MessagingConfig::default());
         assert_eq!(topology.client, Topology::default().client);
+    }
+
+    #[test]
+    fn reverse_proxy_limits_and_static_upstream_policies_parse_and_validate() {
+        let topology = Topology::parse(
+            "[reverse_proxy]\nmax_body_bytes = 2048\nlimits = { max_header_bytes = 16384, max_connections = 5 }\n\
+             [[reverse_proxy.routes]]\nprefix = \"/s/\"\nupstream = { addrs = [\"127.0.0.1:1\"], policy = { balance = { policy = \"consistent_hash\", key = { from = \"header\", name = \"x-user\" } } } }\n",
+        )
+        .unwrap();
+        topology.validate().unwrap();
+        let limits = topology.reverse_proxy.listener_limits();
+        assert_eq!(limits.max_body_bytes, 2048);
+        assert_eq!(limits.request_timeout_ms, 10_000);
+        assert_eq!(limits.max_header_bytes, 16384);
+        assert_eq!(limits.max_connections, 5);
+        let policy = &topology.reverse_proxy.routes[0]
+            .upstream
+            .as_ref()
+            .unwrap()
+            .policy;
+        assert!(matches!(
+            policy.balance,
+            crate::proxy_config::BalancePolicy::ConsistentHash { .. }
+        ));
+
+        let conflicting = Topology::parse(
+            "[reverse_proxy]\nmax_body_bytes = 2048\nlimits = { max_body_bytes = 4096 }\n",
+        )
+        .unwrap();
+        let err = conflicting.validate().unwrap_err().to_string();
+        assert!(err.contains("max_body_bytes"), "{err}");
+        let too_small =
+            Topology::parse("[reverse_proxy]\nlimits = { max_header_bytes = 100 }\n").unwrap();
+        assert!(too_small.validate().is_err());
     }
 
     #[test]

@@ -31,7 +31,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::auth::{AuthError, Verifier};
-use crate::hygiene::{self, Forwarding, Upgrade};
+use crate::hygiene::{self, Forwarding, Limits, LimitsExt, Upgrade};
 
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
@@ -47,8 +47,8 @@ pub struct Gateway {
     limiter: DefaultKeyedRateLimiter<ClientKey>,
     client: Arc<ServiceClient>,
     metrics: HttpMetrics,
-    max_body_bytes: usize,
-    request_timeout: Duration,
+    /// Body size and request timeout are enforced here; the serve loop applies the rest.
+    limits: Limits,
     /// Whether clients reach this gateway over plain HTTP (benchmarks, behind a TLS terminator).
     plain_http: bool,
 }
@@ -173,7 +173,8 @@ impl Gateway {
         client: Arc<ServiceClient>,
         metrics: HttpMetrics,
     ) -> Self {
-        let request_timeout = Duration::from_millis(config.request_timeout_ms);
+        let limits = config.listener_limits();
+        let request_timeout = limits.request_timeout();
         let connect_timeout = request_timeout.min(Duration::from_secs(5));
         let mut routes: Vec<Route> = config
             .routes
@@ -197,8 +198,7 @@ impl Gateway {
             limiter: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
             client,
             metrics,
-            max_body_bytes: config.max_body_bytes,
-            request_timeout,
+            limits,
             plain_http: false,
         }
     }
@@ -215,14 +215,23 @@ impl Gateway {
         self.limiter.shrink_to_fit();
     }
 
-    /// Buffers a request body up to the limit (so that it can be retried on another instance).
+    /// What the listener serving this gateway must apply (`causeway_core::serve::serve_limited`).
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Buffers a request body up to the limit (so that it can be retried on another instance),
+    /// within the request timeout: a client that trickles its body gets 408.
     async fn read_body(&self, headers: &HeaderMap, body: Incoming) -> Result<Bytes, Refusal> {
-        if declared_length(headers).is_some_and(|length| length > self.max_body_bytes) {
-            return Err(self.too_large());
-        }
-        Ok(Limited::new(body, self.max_body_bytes)
-            .collect()
+        self.limits
+            .check_declared_length(headers)
+            .map_err(Refusal::Hygiene)?;
+        let collected = self
+            .limits
+            .within_request_timeout(Limited::new(body, self.limits.max_body_bytes).collect())
             .await
+            .map_err(Refusal::Hygiene)?;
+        Ok(collected
             .map_err(|err| {
                 if err.is::<http_body_util::LengthLimitError>() {
                     self.too_large()
@@ -244,14 +253,7 @@ impl Gateway {
     }
 
     fn too_large(&self) -> Refusal {
-        Refusal::Status(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!(
-                "request bodies are limited to {} bytes",
-                self.max_body_bytes
-            ),
-        )
+        Refusal::Hygiene(hygiene::Refusal::body_too_large(self.limits.max_body_bytes))
     }
 
     /// Request headers as they leave for the upstream: hop-by-hop fields removed (`Upgrade` too:
@@ -312,6 +314,9 @@ impl Gateway {
         {
             Ok(forwarded) => forwarded,
             Err(refusal) => {
+                if let Refusal::Hygiene(refusal) = &refusal {
+                    refusal.log(peer);
+                }
                 let response = if grpc {
                     grpc_refusal(refusal)
                 } else {
@@ -377,10 +382,8 @@ impl Gateway {
         request_id: Option<&HeaderValue>,
     ) -> Result<(Response<ProxyBody>, Cow<'a, str>), Refusal> {
         // Framing first: nothing else may act on a request whose end is in doubt.
-        hygiene::check_request_head(request.version(), request.headers()).map_err(|refusal| {
-            refusal.log(peer);
-            Refusal::Hygiene(refusal)
-        })?;
+        hygiene::check_request_head(request.version(), request.headers())
+            .map_err(Refusal::Hygiene)?;
         let route = route.ok_or_else(|| {
             Refusal::Status(
                 StatusCode::NOT_FOUND,
@@ -462,9 +465,9 @@ impl Gateway {
             )
         })?;
         let (mut parts, body) = request.into_parts();
-        if declared_length(&parts.headers).is_some_and(|length| length > self.max_body_bytes) {
-            return Err(self.too_large());
-        }
+        self.limits
+            .check_declared_length(&parts.headers)
+            .map_err(Refusal::Hygiene)?;
         let path_and_query = match (&route.config.strip_prefix, parts.uri.path_and_query()) {
             (None, Some(path_and_query)) => path_and_query.clone(),
             _ => PathAndQuery::try_from(rewrite_path(&route.config, &parts.uri)).map_err(|_| {
@@ -493,35 +496,36 @@ impl Gateway {
         inject_trace(trace, request_id, headers);
         // HTTP/1.1 or h2c towards the upstream, whatever the client spoke.
         parts.version = http::Version::default();
-        let upstream = Request::from_parts(parts, Limited::new(body, self.max_body_bytes));
+        let upstream = Request::from_parts(parts, Limited::new(body, self.limits.max_body_bytes));
 
-        let response = tokio::time::timeout(self.request_timeout, pool.client.request(upstream))
-            .await
-            .map_err(|_| {
-                Refusal::Status(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "upstream_timeout",
-                    format!(
-                        "{authority} did not answer within {:?}",
-                        self.request_timeout
-                    ),
-                )
-            })?
-            .map_err(|err| {
-                let what = if err.is_connect() {
-                    "cannot connect to"
-                } else {
-                    "failed talking to"
-                };
-                let source = std::error::Error::source(&err)
-                    .map(|source| format!(": {source}"))
-                    .unwrap_or_default();
-                Refusal::Status(
-                    StatusCode::BAD_GATEWAY,
-                    "upstream_unavailable",
-                    format!("{what} upstream {authority}{source}"),
-                )
-            })?;
+        let response =
+            tokio::time::timeout(self.limits.request_timeout(), pool.client.request(upstream))
+                .await
+                .map_err(|_| {
+                    Refusal::Status(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream_timeout",
+                        format!(
+                            "{authority} did not answer within {:?}",
+                            self.limits.request_timeout()
+                        ),
+                    )
+                })?
+                .map_err(|err| {
+                    let what = if err.is_connect() {
+                        "cannot connect to"
+                    } else {
+                        "failed talking to"
+                    };
+                    let source = std::error::Error::source(&err)
+                        .map(|source| format!(": {source}"))
+                        .unwrap_or_default();
+                    Refusal::Status(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream_unavailable",
+                        format!("{what} upstream {authority}{source}"),
+                    )
+                })?;
         let (mut parts, body) = response.into_parts();
         prepare_response_headers(&mut parts.headers, parts.version);
         let body = body.map_err(|err| -> BoxError { Box::new(err) }).boxed();
@@ -556,8 +560,8 @@ impl Gateway {
             subject.as_deref(),
         );
         let options = CallOptions {
-            deadline: Some(self.request_timeout),
-            attempt_timeout: Some(self.request_timeout),
+            deadline: Some(self.limits.request_timeout()),
+            attempt_timeout: Some(self.limits.request_timeout()),
         };
         let (result, report) = if is_grpc(&parts.headers) {
             // gRPC streams in both directions and its messages carry their own size limits, so
@@ -642,14 +646,6 @@ fn rewrite_path(route: &RouteConfig, uri: &http::Uri) -> String {
         Some(query) => format!("{stripped}?{query}"),
         None => stripped,
     }
-}
-
-/// The request's declared `Content-Length`, if any and readable.
-fn declared_length(headers: &HeaderMap) -> Option<usize> {
-    headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.parse::<usize>().ok())
 }
 
 /// Sets `traceparent` (this hop as the parent) and `x-request-id` on an upstream request,
@@ -904,6 +900,7 @@ mod tests {
                 protocol,
                 pool_idle_timeout_ms: 1000,
                 pool_max_idle_per_addr: 4,
+                policy: Default::default(),
             }),
         }
     }
@@ -946,6 +943,7 @@ mod tests {
             )
             .serving_plain_http(),
         );
+        let gateway_limits = gateway.limits().clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (trigger, shutdown) = causeway_core::serve::shutdown_channel();
@@ -956,13 +954,20 @@ mod tests {
                 async move { Ok::<_, std::convert::Infallible>(gateway.handle(request, peer).await) }
             })
         };
-        tokio::spawn(causeway_core::serve::serve(
-            listener,
-            None,
-            make_service,
-            shutdown,
-            Duration::from_millis(100),
-        ));
+        let limits = gateway_limits;
+        let connections = hygiene::ConnectionLimiter::new(limits.max_connections);
+        tokio::spawn(async move {
+            causeway_core::serve::serve_limited(
+                listener,
+                None,
+                make_service,
+                shutdown,
+                Duration::from_millis(100),
+                Some(&limits),
+                connections,
+            )
+            .await
+        });
         (addr, trigger)
     }
 
@@ -1179,5 +1184,86 @@ mod tests {
         .await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         assert!(answer.contains("upstream saw /ok"), "{answer}");
+    }
+
+    /// A gateway with one static route to `upstream` under these listener limits.
+    async fn limited_gateway(
+        upstream: SocketAddr,
+        limits: Limits,
+    ) -> (SocketAddr, causeway_core::serve::ShutdownTrigger) {
+        let mut metrics = causeway_core::telemetry::Metrics::new("reverse-proxy", "test");
+        let client = idle_client(&mut metrics);
+        let config = ReverseProxyConfig {
+            routes: vec![static_route(vec![upstream], UpstreamProtocol::Http1)],
+            request_timeout_ms: 2000,
+            limits,
+            ..ReverseProxyConfig::default()
+        };
+        start_gateway(config, client, metrics).await
+    }
+
+    #[tokio::test]
+    async fn a_header_section_over_the_limit_gets_431() {
+        let upstream = echo_upstream().await;
+        let limits = Limits {
+            max_header_bytes: 8192,
+            ..Limits::default()
+        };
+        let (gateway, _stop) = limited_gateway(upstream, limits).await;
+        let big = "x".repeat(9000);
+        let answer = raw_exchange(
+            gateway,
+            &format!(
+                "GET /static/a HTTP/1.1\r\nHost: a\r\nx-big: {big}\r\nConnection: close\r\n\r\n"
+            ),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+        let small = raw_exchange(
+            gateway,
+            "GET /static/a HTTP/1.1\r\nHost: a\r\nx-small: 1\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(small.starts_with("HTTP/1.1 200"), "{small}");
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_limit_are_refused_with_503() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let upstream = echo_upstream().await;
+        let limits = Limits {
+            max_connections: 1,
+            ..Limits::default()
+        };
+        let (gateway, _stop) = limited_gateway(upstream, limits).await;
+        // One kept-alive connection holds the only slot.
+        let mut held = tokio::net::TcpStream::connect(gateway).await.unwrap();
+        held.write_all(b"GET /static/a HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 12];
+        held.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"HTTP/1.1 200");
+
+        let refused = raw_exchange(gateway, "GET /static/a HTTP/1.1\r\nHost: a\r\n\r\n").await;
+        let (head, body) = split_answer(&refused);
+        assert!(head.starts_with("http/1.1 503"), "{refused}");
+        assert!(body.contains("too_many_connections"), "{body}");
+
+        // Once it closes, the slot is free again.
+        drop(held);
+        let mut answer = String::new();
+        for _ in 0..50 {
+            answer = raw_exchange(
+                gateway,
+                "GET /static/a HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            )
+            .await;
+            if answer.starts_with("HTTP/1.1 200") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     }
 }

@@ -43,7 +43,6 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Response, StatusCode, Version};
 use http_body_util::Full;
-use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -378,122 +377,21 @@ pub fn check_request_head(version: Version, headers: &HeaderMap) -> Result<(), R
 
 // ---- Limits ----
 
-#[derive(Debug, thiserror::Error)]
-pub enum LimitsError {
-    #[error("limits.{field}: {message}")]
-    Invalid {
-        field: &'static str,
-        message: String,
-    },
+pub use causeway_core::proxy_config::{Limits, LimitsError};
+
+/// The limit checks that answer with a [`Refusal`] (the plain config lives in causeway-core).
+pub trait LimitsExt {
+    fn check_declared_length(&self, headers: &HeaderMap) -> Result<(), Refusal>;
+    fn within_request_timeout<F: Future + Send>(
+        &self,
+        work: F,
+    ) -> impl Future<Output = Result<F::Output, Refusal>> + Send;
 }
 
-/// What one proxy listener accepts from its clients.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Limits {
-    /// The whole request head (request line and headers); larger gets 431. At least 8192
-    /// (hyper's minimum read buffer).
-    pub max_header_bytes: usize,
-    /// More header lines get 431.
-    pub max_header_count: usize,
-    /// Larger bodies get 413.
-    pub max_body_bytes: usize,
-    /// Whole request, head to last body byte; longer gets 408.
-    pub request_timeout_ms: u64,
-    /// How long a connection may take to send a request head (also an idle keep-alive
-    /// connection's lifetime between requests); then it is closed.
-    pub idle_timeout_ms: u64,
-    /// Connections over this are refused (503 on plain HTTP, closed on TLS).
-    pub max_connections: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_header_bytes: 64 * 1024,
-            max_header_count: 100,
-            max_body_bytes: 1024 * 1024,
-            request_timeout_ms: 30_000,
-            idle_timeout_ms: 30_000,
-            max_connections: 10_000,
-        }
-    }
-}
-
-/// hyper panics on a smaller read buffer.
-const MIN_HEADER_BYTES: usize = 8192;
-
-impl Limits {
-    pub fn validate(&self) -> Result<(), LimitsError> {
-        let invalid = |field, message: String| Err(LimitsError::Invalid { field, message });
-        if self.max_header_bytes < MIN_HEADER_BYTES {
-            return invalid(
-                "max_header_bytes",
-                format!("must be at least {MIN_HEADER_BYTES}"),
-            );
-        }
-        for (field, value) in [
-            ("max_header_count", self.max_header_count as u64),
-            ("max_body_bytes", self.max_body_bytes as u64),
-            ("request_timeout_ms", self.request_timeout_ms),
-            ("idle_timeout_ms", self.idle_timeout_ms),
-            ("max_connections", self.max_connections as u64),
-        ] {
-            if value == 0 {
-                return invalid(field, "must be positive".into());
-            }
-        }
-        Ok(())
-    }
-
-    pub fn request_timeout(&self) -> Duration {
-        Duration::from_millis(self.request_timeout_ms)
-    }
-
-    pub fn idle_timeout(&self) -> Duration {
-        Duration::from_millis(self.idle_timeout_ms)
-    }
-
-    fn header_bytes(&self) -> usize {
-        self.max_header_bytes.max(MIN_HEADER_BYTES)
-    }
-
-    /// Header size and count (431 from hyper) and the header read timeout (connection closed).
-    pub fn apply_http1(&self, builder: &mut hyper::server::conn::http1::Builder) {
-        builder
-            .timer(hyper_util::rt::TokioTimer::new())
-            .max_buf_size(self.header_bytes())
-            .max_headers(self.max_header_count)
-            .header_read_timeout(self.idle_timeout());
-    }
-
-    /// The header list limit (HTTP/2 counts decoded bytes plus 32 per field, RFC 9113 §6.5.2).
-    pub fn apply_http2<E>(&self, builder: &mut hyper::server::conn::http2::Builder<E>) {
-        builder
-            .timer(hyper_util::rt::TokioTimer::new())
-            .max_header_list_size(u32::try_from(self.header_bytes()).unwrap_or(u32::MAX));
-    }
-
-    /// Both, on the auto (ALPN / preface sniffing) builder `causeway_core::serve` uses. The auto
-    /// builder reads the version preface before handing the connection to the HTTP/1 side, so
-    /// (not verified by a test here) a silent plain-HTTP connection may escape the header timer:
-    /// guard those with [`wait_for_first_byte`].
-    pub fn apply_auto<E>(&self, builder: &mut hyper_util::server::conn::auto::Builder<E>) {
-        builder
-            .http1()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .max_buf_size(self.header_bytes())
-            .max_headers(self.max_header_count)
-            .header_read_timeout(self.idle_timeout());
-        builder
-            .http2()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .max_header_list_size(u32::try_from(self.header_bytes()).unwrap_or(u32::MAX));
-    }
-
+impl LimitsExt for Limits {
     /// 413 when the declared `Content-Length` is over the limit (before reading any of it);
     /// bodies without a length are capped with `http_body_util::Limited` at `max_body_bytes`.
-    pub fn check_declared_length(&self, headers: &HeaderMap) -> Result<(), Refusal> {
+    fn check_declared_length(&self, headers: &HeaderMap) -> Result<(), Refusal> {
         let declared = headers
             .get(header::CONTENT_LENGTH)
             .and_then(|value| value.to_str().ok())
@@ -507,10 +405,16 @@ impl Limits {
     }
 
     /// Runs the request's work under the request timeout; 408 when it runs out.
-    pub async fn within_request_timeout<F: Future>(&self, work: F) -> Result<F::Output, Refusal> {
-        tokio::time::timeout(self.request_timeout(), work)
-            .await
-            .map_err(|_| Refusal::request_timeout(self.request_timeout()))
+    fn within_request_timeout<F: Future + Send>(
+        &self,
+        work: F,
+    ) -> impl Future<Output = Result<F::Output, Refusal>> + Send {
+        let limit = self.request_timeout();
+        async move {
+            tokio::time::timeout(limit, work)
+                .await
+                .map_err(|_| Refusal::request_timeout(limit))
+        }
     }
 }
 
@@ -580,6 +484,20 @@ impl ConnectionLimiter {
 
     pub fn active(&self) -> usize {
         self.max - self.permits.available_permits()
+    }
+}
+
+/// The serve loop's admission: one permit per open connection.
+impl causeway_core::serve::Admission for ConnectionLimiter {
+    type Permit = ConnectionPermit;
+
+    fn admit(&self, peer: SocketAddr) -> Option<ConnectionPermit> {
+        self.try_acquire(peer).ok()
+    }
+
+    fn refuse(&self, stream: tokio::net::TcpStream) -> impl Future<Output = ()> + Send + 'static {
+        let refusal = Refusal::too_many_connections(self.max);
+        async move { refuse_connection(stream, &refusal).await }
     }
 }
 

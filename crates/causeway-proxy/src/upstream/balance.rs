@@ -13,84 +13,12 @@ use std::time::Instant;
 
 use http::HeaderMap;
 use rand::Rng;
-use serde::{Deserialize, Serialize};
 
 use super::endpoint::{Endpoint, lock};
 
-/// Which balancer an upstream uses.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "policy", rename_all = "snake_case", deny_unknown_fields)]
-pub enum BalancePolicy {
-    RoundRobin,
-    /// Smooth weighted round robin (nginx).
-    WeightedRoundRobin,
-    /// Power of two choices over peak-EWMA latency × (in-flight + 1) (linkerd2-proxy).
-    #[default]
-    LeastRequest,
-    /// Maglev consistent hashing on a request header or cookie, for sticky routing.
-    ConsistentHash {
-        key: HashKey,
-        /// Maglev lookup table size; must be prime and well above the endpoint count.
-        #[serde(default = "default_table_size")]
-        table_size: usize,
-        /// Where requests without the key go.
-        #[serde(default)]
-        fallback: Fallback,
-    },
-}
-
-/// Where a consistent-hash key comes from.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "from", rename_all = "snake_case", deny_unknown_fields)]
-pub enum HashKey {
-    Header { name: String },
-    Cookie { name: String },
-}
-
-/// The balancer for requests that carry no hash key.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Fallback {
-    #[default]
-    LeastRequest,
-    RoundRobin,
-}
-
-/// 65537 is prime, and with it a key moves to another endpoint with probability ~1/n when one
-/// of n endpoints goes, for n up to a few hundred (Maglev paper: M ≫ 100·n keeps imbalance low).
-pub const DEFAULT_MAGLEV_TABLE_SIZE: usize = 65_537;
-
-fn default_table_size() -> usize {
-    DEFAULT_MAGLEV_TABLE_SIZE
-}
-
-impl HashKey {
-    /// The key's bytes in these headers, if present.
-    pub fn extract<'a>(&self, headers: &'a HeaderMap) -> Option<&'a [u8]> {
-        match self {
-            HashKey::Header { name } => headers
-                .get(name.as_str())
-                .map(|value| value.as_bytes())
-                .filter(|value| !value.is_empty()),
-            HashKey::Cookie { name } => cookie_value(headers, name),
-        }
-    }
-}
-
-/// The value of cookie `name` across all `Cookie` headers (HTTP/2 may split them).
-fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
-    headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .flat_map(|value| value.as_bytes().split(|byte| *byte == b';'))
-        .find_map(|pair| {
-            let pair = pair.trim_ascii();
-            let eq = pair.iter().position(|byte| *byte == b'=')?;
-            let (key, value) = (&pair[..eq], &pair[eq + 1..]);
-            (key.trim_ascii() == name.as_bytes()).then_some(value.trim_ascii())
-        })
-        .filter(|value| !value.is_empty())
-}
+pub use causeway_core::proxy_config::{
+    BalancePolicy, DEFAULT_MAGLEV_TABLE_SIZE, Fallback, HashKey,
+};
 
 /// SipHash (std's) of `bytes` under `seed`; stable for a given build of the proxy, which is what
 /// consistency across the proxy's replicas needs.

@@ -5,53 +5,18 @@
 //! failures take an endpoint out of balancing, `healthy_threshold` consecutive passes put it back.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use causeway_client::plain_http;
 use causeway_core::serve::Shutdown;
 use futures_util::future::join_all;
 use http::Method;
-use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 
 use super::Upstream;
 use super::endpoint::{Endpoint, lock};
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct HealthCheckConfig {
-    pub path: String,
-    pub interval_ms: u64,
-    pub timeout_ms: u64,
-    /// Consecutive passes that bring an unhealthy endpoint back.
-    pub healthy_threshold: u32,
-    /// Consecutive failures that take a healthy endpoint out.
-    pub unhealthy_threshold: u32,
-}
-
-impl Default for HealthCheckConfig {
-    fn default() -> Self {
-        Self {
-            path: "/healthz".into(),
-            interval_ms: 5_000,
-            timeout_ms: 1_000,
-            healthy_threshold: 2,
-            unhealthy_threshold: 3,
-        }
-    }
-}
-
-impl HealthCheckConfig {
-    pub fn interval(&self) -> Duration {
-        // A zero interval would spin.
-        Duration::from_millis(self.interval_ms.max(1))
-    }
-
-    pub fn timeout(&self) -> Duration {
-        Duration::from_millis(self.timeout_ms)
-    }
-}
+pub use causeway_core::proxy_config::HealthCheckConfig;
 
 /// Counts one check result; returns the endpoint's new health when it changes.
 pub(crate) fn apply_check(

@@ -49,7 +49,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
 pub use balance::{
@@ -61,68 +60,23 @@ pub use health::{HealthCheckConfig, check_endpoint, check_round, spawn_health_ch
 pub use outlier::{EjectReason, OutlierConfig};
 pub use retry::{
     FailureKind, NoRetry, RetryBudget, RetryBudgetConfig, RetryCounters, RetryDecision,
-    RetryPolicy, RetrySession, is_idempotent,
+    RetryPolicy, RetryPolicyExt, RetrySession, is_idempotent,
 };
 
 use balance::Balancer;
 use endpoint::lock;
 
-/// The latency estimate's settings.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct EwmaConfig {
-    /// The estimate of an endpoint nothing is known about yet.
-    pub default_rtt_ms: u64,
-    /// How fast old observations fade (the EWMA's time constant).
-    pub decay_ms: u64,
-    /// A failed request counts as at least this slow, so failing endpoints look expensive.
-    pub failure_penalty_ms: u64,
-}
+pub use causeway_core::proxy_config::{EwmaConfig, UpstreamConfig};
 
-impl Default for EwmaConfig {
-    fn default() -> Self {
-        // linkerd2-proxy's defaults: 30 ms initial estimate, 10 s decay.
-        Self {
-            default_rtt_ms: 30,
-            decay_ms: 10_000,
-            failure_penalty_ms: 1_000,
-        }
+/// The whole config's checks: the plain ones, and that a Maglev table can be built at the
+/// configured size (that needs the table builder, which lives here).
+pub fn validate_config(config: &UpstreamConfig) -> Result<(), String> {
+    config.validate()?;
+    if let BalancePolicy::ConsistentHash { table_size, .. } = &config.balance {
+        // Validated against an empty set here; the endpoint count is checked on each update.
+        MaglevTable::new(&[], *table_size).map_err(|err| err.to_string())?;
     }
-}
-
-/// Everything about how one upstream is balanced, checked and retried.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct UpstreamConfig {
-    pub balance: BalancePolicy,
-    pub ewma: EwmaConfig,
-    pub outlier: OutlierConfig,
-    /// Active checks; none when absent.
-    pub health_check: Option<HealthCheckConfig>,
-    pub retry_budget: RetryBudgetConfig,
-    pub retry: RetryPolicy,
-}
-
-impl UpstreamConfig {
-    pub fn validate(&self) -> Result<(), String> {
-        let ratio = self.retry_budget.ratio;
-        if !ratio.is_finite() || ratio < 0.0 {
-            return Err(format!(
-                "retry_budget.ratio must be a number >= 0, not {ratio}"
-            ));
-        }
-        if self.outlier.max_ejection_percent > 100 {
-            return Err(format!(
-                "outlier.max_ejection_percent must be at most 100, not {}",
-                self.outlier.max_ejection_percent
-            ));
-        }
-        if let BalancePolicy::ConsistentHash { table_size, .. } = &self.balance {
-            // Validated against an empty set here; the endpoint count is checked on each update.
-            MaglevTable::new(&[], *table_size).map_err(|err| err.to_string())?;
-        }
-        Ok(())
-    }
+    Ok(())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -268,12 +222,10 @@ impl Upstream {
         metrics: UpstreamMetrics,
     ) -> Result<Self, UpstreamError> {
         let name: Arc<str> = name.into().into();
-        config
-            .validate()
-            .map_err(|message| UpstreamError::InvalidConfig {
-                upstream: name.to_string(),
-                message,
-            })?;
+        validate_config(&config).map_err(|message| UpstreamError::InvalidConfig {
+            upstream: name.to_string(),
+            message,
+        })?;
         let empty = EndpointSet {
             endpoints: Vec::new(),
             balancer: Balancer::RoundRobin(RoundRobin::default()),

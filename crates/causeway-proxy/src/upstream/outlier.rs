@@ -6,52 +6,9 @@
 
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
 use super::endpoint::Outcome;
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct OutlierConfig {
-    pub enabled: bool,
-    /// Consecutive 5xx answers (or failures after connecting) that eject an endpoint.
-    pub consecutive_5xx: u32,
-    /// Consecutive failed connects that eject an endpoint.
-    pub consecutive_connect_failures: u32,
-    /// The first ejection's length; the n-th lasts n times this, up to `max_ejection_ms`.
-    pub base_ejection_ms: u64,
-    pub max_ejection_ms: u64,
-    /// At most this share of the endpoints is ejected at once (rounded down, and never all).
-    pub max_ejection_percent: u8,
-}
-
-impl Default for OutlierConfig {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            consecutive_5xx: 5,
-            consecutive_connect_failures: 5,
-            base_ejection_ms: 30_000,
-            max_ejection_ms: 300_000,
-            max_ejection_percent: 50,
-        }
-    }
-}
-
-impl OutlierConfig {
-    /// How long the `times`-th ejection (1-based) lasts.
-    pub fn ejection_duration(&self, times: u32) -> Duration {
-        let base = Duration::from_millis(self.base_ejection_ms);
-        base.saturating_mul(times.max(1))
-            .min(Duration::from_millis(self.max_ejection_ms))
-    }
-
-    /// How many of `total` endpoints may be ejected at once.
-    pub fn max_ejected(&self, total: usize) -> usize {
-        let share = total * usize::from(self.max_ejection_percent.min(100)) / 100;
-        share.min(total.saturating_sub(1))
-    }
-}
+pub use causeway_core::proxy_config::OutlierConfig;
 
 /// Why an endpoint was ejected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -7,32 +7,10 @@ use std::time::{Duration, Instant};
 
 use http::{Method, StatusCode};
 use prometheus_client::metrics::counter::Counter;
-use serde::{Deserialize, Serialize};
 
 use super::endpoint::lock;
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RetryBudgetConfig {
-    /// Retries may add at most this share of the original requests in the window.
-    pub ratio: f64,
-    /// A floor so that low-traffic upstreams can still retry.
-    pub min_retries_per_second: u32,
-    pub window_ms: u64,
-    /// The window slides in this many steps.
-    pub buckets: u32,
-}
-
-impl Default for RetryBudgetConfig {
-    fn default() -> Self {
-        Self {
-            ratio: 0.2,
-            min_retries_per_second: 10,
-            window_ms: 10_000,
-            buckets: 10,
-        }
-    }
-}
+pub use causeway_core::proxy_config::{RetryBudgetConfig, RetryPolicy};
 
 #[derive(Clone, Copy, Debug, Default)]
 struct Bucket {
@@ -141,34 +119,6 @@ impl RetryBudget {
     }
 }
 
-/// Which requests may be retried, how often, and within what time.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RetryPolicy {
-    /// Retries after the first attempt (0 turns retries off).
-    pub max_retries: u32,
-    /// One attempt's limit; 0 means only the deadline applies.
-    pub per_try_timeout_ms: u64,
-    /// The whole request's limit, all attempts included.
-    pub deadline_ms: u64,
-    /// Statuses on which an idempotent request is retried.
-    pub retry_statuses: Vec<u16>,
-    /// Whether an idempotent request whose attempt ran out of time is retried.
-    pub retry_per_try_timeout: bool,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        Self {
-            max_retries: 2,
-            per_try_timeout_ms: 2_000,
-            deadline_ms: 10_000,
-            retry_statuses: vec![StatusCode::SERVICE_UNAVAILABLE.as_u16()],
-            retry_per_try_timeout: true,
-        }
-    }
-}
-
 /// How an attempt failed, for the retry decision.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FailureKind {
@@ -207,19 +157,16 @@ pub fn is_idempotent(method: &Method) -> bool {
     )
 }
 
-impl RetryPolicy {
-    pub fn per_try_timeout(&self) -> Option<Duration> {
-        (self.per_try_timeout_ms > 0).then(|| Duration::from_millis(self.per_try_timeout_ms))
-    }
+/// The retry decision by the policy alone (the plain policy lives in causeway-core).
+pub trait RetryPolicyExt {
+    fn decide(&self, method: &Method, failure: FailureKind, bytes_sent: bool) -> RetryDecision;
+}
 
-    pub fn deadline(&self) -> Duration {
-        Duration::from_millis(self.deadline_ms)
-    }
-
+impl RetryPolicyExt for RetryPolicy {
     /// Whether this failure of this request may be retried, by the policy alone (no budget,
     /// count or deadline). A request that never left (connect failure, no bytes sent) is safe to
     /// retry whatever its method; otherwise only idempotent methods are retried.
-    pub fn decide(&self, method: &Method, failure: FailureKind, bytes_sent: bool) -> RetryDecision {
+    fn decide(&self, method: &Method, failure: FailureKind, bytes_sent: bool) -> RetryDecision {
         if failure == FailureKind::ConnectFailure && !bytes_sent {
             return RetryDecision::Retry;
         }
