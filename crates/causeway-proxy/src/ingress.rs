@@ -498,7 +498,7 @@ impl Builder {
             && (!prefix.starts_with('/') || prefix.ends_with('/'))
         {
             return Err(cx.invalid(
-                &format!("metadata.annotations[{STRIP_PREFIX_ANNOTATION}]"),
+                format!("metadata.annotations[{STRIP_PREFIX_ANNOTATION}]"),
                 format!("{prefix:?} must start with '/' and not end with one"),
             ));
         }
@@ -507,7 +507,7 @@ impl Builder {
             Some("false") => false,
             Some(other) => {
                 return Err(cx.invalid(
-                    &format!("metadata.annotations[{AUTH_ANNOTATION}]"),
+                    format!("metadata.annotations[{AUTH_ANNOTATION}]"),
                     format!("is {other:?}; expected \"true\" or \"false\""),
                 ));
             }

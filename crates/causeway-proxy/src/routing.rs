@@ -21,7 +21,7 @@ enum Matcher {
     Prefix(Vec<usize>),
     /// The Ingress table, and each Ingress route's index in `routes` by its id.
     Ingress {
-        table: IngressRoutes,
+        table: Box<IngressRoutes>,
         index: std::collections::HashMap<String, usize>,
     },
 }
@@ -55,7 +55,10 @@ impl RouteTable {
         }
         Self {
             routes,
-            matcher: Matcher::Ingress { table, index },
+            matcher: Matcher::Ingress {
+                table: Box::new(table),
+                index,
+            },
         }
     }
 
