@@ -309,7 +309,9 @@ async fn start_reverse_proxy(
     let key = causeway_proxy::auth::load_or_create_key(&launch.data().jwt_key())?;
     let http = metrics.http_server();
     let gateway = Arc::new(Gateway::new(launch.instance(), config, &key, client, http));
+    gateway.register_upstream_metrics(metrics.registry_mut());
     let mut tasks = announce(launch, listen, admin, metrics, &shutdown).await?;
+    tasks.extend(gateway.spawn_health_checkers(&shutdown));
 
     let gateway_limits = gateway.limits().clone();
     let sweeper = gateway.clone();

@@ -8,12 +8,11 @@ use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use causeway_client::{CallError, CallOptions, ServiceClient};
-use causeway_core::serve::{BoxError, error_response};
+use causeway_core::serve::{BoxError, Shutdown, error_response};
 use causeway_core::server_timing::{self, TimingEntry, steps};
 use causeway_core::telemetry::HttpMetrics;
 use causeway_core::topology::{ReverseProxyConfig, RouteConfig, StaticUpstream, UpstreamProtocol};
@@ -25,13 +24,21 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, Request, Response, StatusCode, Uri};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use tokio::task::JoinHandle;
 
 use crate::auth::{AuthError, Verifier};
 use crate::hygiene::{self, Forwarding, Limits, LimitsExt, Upgrade};
+use crate::upstream::{
+    EndpointSpec, FailureKind, Outcome, RetryDecision, Upstream, UpstreamError, UpstreamMetrics,
+};
 
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
@@ -49,6 +56,8 @@ pub struct Gateway {
     metrics: HttpMetrics,
     /// Body size and request timeout are enforced here; the serve loop applies the rest.
     limits: Limits,
+    upstream_metrics: UpstreamMetrics,
+    attempts: Family<AttemptLabels, Counter>,
     /// Whether clients reach this gateway over plain HTTP (benchmarks, behind a TLS terminator).
     plain_http: bool,
 }
@@ -56,8 +65,9 @@ pub struct Gateway {
 /// A route with what it forwards to.
 struct Route {
     config: RouteConfig,
-    /// Set for routes to fixed addresses; the others go to their service through discovery.
-    upstream: Option<StaticPool>,
+    /// Set for routes to fixed addresses (or why their upstream could not be built); the others
+    /// go to their service through discovery.
+    upstream: Option<Result<StaticPool, String>>,
 }
 
 /// Rate-limit key: the token's subject, else the client's address (no string built per request).
@@ -83,58 +93,44 @@ struct Caller<'t> {
     subject: Option<String>,
 }
 
-/// Body of requests to static upstreams: streamed as it arrives, within the size limit.
-type StaticBody = Limited<Incoming>;
+/// Body of requests to static upstreams: a buffered (replayable) body, or one streamed as it
+/// arrives within the size limit.
+type StaticBody = ProxyBody;
 
-/// Fixed upstream addresses behind a pooled keep-alive client.
+/// Bodies up to this size (declared by `Content-Length`) are buffered so that a failed attempt
+/// can be retried; larger or unsized ones (chunked uploads, gRPC streams) are streamed through
+/// and their requests never retried, since a consumed stream cannot be sent again.
+const REPLAY_LIMIT: u64 = 64 * 1024;
+
+/// Fixed upstream addresses behind a pooled keep-alive client, balanced, ejected, checked and
+/// retried by the proxy engine's [`Upstream`].
 struct StaticPool {
     client: Client<HttpConnector, StaticBody>,
-    picker: RoundRobin,
-    /// Per address, the Server-Timing description, formatted once.
-    details: Vec<String>,
+    upstream: Upstream,
+    /// Per address: its URI authority and Server-Timing description, formatted once.
+    targets: Vec<(SocketAddr, Authority, String)>,
+    /// Attempts per endpoint and outcome.
+    attempts: Family<AttemptLabels, Counter>,
 }
 
-/// Takes the addresses in turn. Kept trivial and on its own so that a real balancer can take
-/// its place without touching the forwarding path.
-struct RoundRobin {
-    authorities: Vec<Authority>,
-    next: AtomicUsize,
-}
-
-impl RoundRobin {
-    fn new(addrs: &[SocketAddr]) -> Self {
-        let authorities = addrs
-            .iter()
-            .filter_map(|addr| Authority::try_from(addr.to_string()).ok())
-            .collect();
-        Self {
-            authorities,
-            next: AtomicUsize::new(0),
-        }
-    }
-
-    /// The index and authority of the next address; `None` when there are none.
-    fn pick(&self) -> Option<(usize, &Authority)> {
-        let count = self.authorities.len();
-        if count == 0 {
-            return None;
-        }
-        let index = if count == 1 {
-            0
-        } else {
-            self.next.fetch_add(1, Ordering::Relaxed) % count
-        };
-        Some((index, &self.authorities[index]))
-    }
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AttemptLabels {
+    upstream: String,
+    endpoint: String,
+    /// The status code, or `connect_failure`, `failure`, `timeout`.
+    outcome: Cow<'static, str>,
 }
 
 impl StaticPool {
     fn new(
         instance: &str,
-        prefix: &str,
+        route: &RouteConfig,
         upstream: &StaticUpstream,
-        connect_timeout: Duration,
-    ) -> Self {
+        request_timeout: Duration,
+        metrics: &UpstreamMetrics,
+        attempts: &Family<AttemptLabels, Counter>,
+    ) -> Result<Self, UpstreamError> {
+        let connect_timeout = request_timeout.min(Duration::from_secs(5));
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(connect_timeout));
@@ -148,20 +144,50 @@ impl StaticPool {
             UpstreamProtocol::Http1 => "HTTP/1.1",
             UpstreamProtocol::H2c => "h2c",
         };
-        let details = upstream
+        let prefix = &route.prefix;
+        let targets = upstream
             .addrs
             .iter()
-            .map(|addr| {
-                escape_description(&format!(
+            .filter_map(|addr| {
+                let authority = Authority::try_from(addr.to_string()).ok()?;
+                let detail = escape_description(&format!(
                     "{instance} routed {prefix} to {addr} over {protocol}"
-                ))
+                ));
+                Some((*addr, authority, detail))
             })
             .collect();
-        Self {
+        // All attempts together stay within the gateway's request timeout.
+        let mut config = upstream.policy.clone();
+        config.retry.deadline_ms = config
+            .retry
+            .deadline_ms
+            .min(request_timeout.as_millis() as u64);
+        let specs = upstream
+            .addrs
+            .iter()
+            .map(|addr| EndpointSpec::new(addr.to_string(), *addr))
+            .collect();
+        let upstream = Upstream::with_metrics(prefix.clone(), config, specs, metrics.clone())?;
+        Ok(Self {
             client,
-            picker: RoundRobin::new(&upstream.addrs),
-            details,
-        }
+            upstream,
+            targets,
+            attempts: attempts.clone(),
+        })
+    }
+
+    fn target(&self, addr: SocketAddr) -> Option<&(SocketAddr, Authority, String)> {
+        self.targets.iter().find(|(target, ..)| *target == addr)
+    }
+
+    fn count(&self, addr: SocketAddr, outcome: Cow<'static, str>) {
+        self.attempts
+            .get_or_create(&AttemptLabels {
+                upstream: self.upstream.name().to_string(),
+                endpoint: addr.to_string(),
+                outcome,
+            })
+            .inc();
     }
 }
 
@@ -175,13 +201,26 @@ impl Gateway {
     ) -> Self {
         let limits = config.listener_limits();
         let request_timeout = limits.request_timeout();
-        let connect_timeout = request_timeout.min(Duration::from_secs(5));
+        let upstream_metrics = UpstreamMetrics::default();
+        let attempts = Family::default();
         let mut routes: Vec<Route> = config
             .routes
             .iter()
             .map(|route| Route {
                 upstream: route.upstream.as_ref().map(|upstream| {
-                    StaticPool::new(&instance, &route.prefix, upstream, connect_timeout)
+                    StaticPool::new(
+                        &instance,
+                        route,
+                        upstream,
+                        request_timeout,
+                        &upstream_metrics,
+                        &attempts,
+                    )
+                    .map_err(|err| {
+                        // The route answers 502 naming this rather than taking the proxy down.
+                        tracing::error!(route = %route.prefix, error = %err, "static upstream unusable");
+                        err.to_string()
+                    })
                 }),
                 config: route.clone(),
             })
@@ -199,8 +238,31 @@ impl Gateway {
             client,
             metrics,
             limits,
+            upstream_metrics,
+            attempts,
             plain_http: false,
         }
+    }
+
+    /// Registers the static upstreams' metrics (ejections, health, retries, budget, attempts
+    /// per endpoint) in the proxy's registry.
+    pub fn register_upstream_metrics(&self, registry: &mut Registry) {
+        self.upstream_metrics.register(registry);
+        registry.register(
+            "upstream_attempts",
+            "Attempts per static upstream endpoint, by status or failure",
+            self.attempts.clone(),
+        );
+    }
+
+    /// Starts the active health checkers of static upstreams that configure one; they stop on
+    /// `shutdown`.
+    pub fn spawn_health_checkers(&self, shutdown: &Shutdown) -> Vec<JoinHandle<()>> {
+        self.routes
+            .iter()
+            .filter_map(|route| route.upstream.as_ref()?.as_ref().ok())
+            .filter_map(|pool| pool.upstream.spawn_health_checker(shutdown.clone()))
+            .collect()
     }
 
     /// Marks the gateway as reached over plain HTTP (for `X-Forwarded-Proto` and Server-Timing).
@@ -418,7 +480,15 @@ impl Gateway {
         }
 
         match &route.upstream {
-            Some(pool) => self
+            Some(Err(problem)) => Err(Refusal::Status(
+                StatusCode::BAD_GATEWAY,
+                "no_upstream",
+                format!(
+                    "route {} has no usable upstream: {problem}",
+                    route.config.prefix
+                ),
+            )),
+            Some(Ok(pool)) => self
                 .forward_static(
                     route,
                     pool,
@@ -439,8 +509,13 @@ impl Gateway {
         }
     }
 
-    /// To a fixed address over plain HTTP: the request streamed through as it comes (no retries,
-    /// so nothing needs buffering), on a pooled keep-alive connection.
+    /// To one of a route's fixed addresses over plain HTTP, on pooled keep-alive connections.
+    /// The endpoint is picked per attempt by the route's [`Upstream`] (hash key from the
+    /// headers), every outcome is recorded for outlier detection, and failed attempts are
+    /// retried as its [`crate::upstream::RetrySession`] allows: idempotent requests on connect
+    /// failure or a retryable status, any request on a connect failure (nothing was sent), each
+    /// attempt under the per-try timeout, all within the deadline and the retry budget. Only
+    /// replayable bodies are retried: empty ones and ones buffered up to [`REPLAY_LIMIT`].
     async fn forward_static<'a>(
         &self,
         route: &Route,
@@ -454,16 +529,6 @@ impl Gateway {
             request_id,
             subject,
         } = caller;
-        let (index, authority) = pool.picker.pick().ok_or_else(|| {
-            Refusal::Status(
-                StatusCode::BAD_GATEWAY,
-                "no_upstream",
-                format!(
-                    "route {} has no usable upstream address",
-                    route.config.prefix
-                ),
-            )
-        })?;
         let (mut parts, body) = request.into_parts();
         self.limits
             .check_declared_length(&parts.headers)
@@ -478,13 +543,7 @@ impl Gateway {
                 )
             })?,
         };
-        let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(Scheme::HTTP);
-        uri.authority = Some(authority.clone());
-        uri.path_and_query = Some(path_and_query);
         let original_authority = parts.uri.authority().cloned();
-        parts.uri = Uri::from_parts(uri)
-            .map_err(|err| Refusal::Status(StatusCode::BAD_REQUEST, "bad_path", err.to_string()))?;
         let headers = &mut parts.headers;
         self.prepare_request_headers(
             headers,
@@ -496,40 +555,142 @@ impl Gateway {
         inject_trace(trace, request_id, headers);
         // HTTP/1.1 or h2c towards the upstream, whatever the client spoke.
         parts.version = http::Version::default();
-        let upstream = Request::from_parts(parts, Limited::new(body, self.limits.max_body_bytes));
 
-        let response =
-            tokio::time::timeout(self.limits.request_timeout(), pool.client.request(upstream))
-                .await
-                .map_err(|_| {
-                    Refusal::Status(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "upstream_timeout",
-                        format!(
-                            "{authority} did not answer within {:?}",
-                            self.limits.request_timeout()
-                        ),
-                    )
-                })?
-                .map_err(|err| {
-                    let what = if err.is_connect() {
-                        "cannot connect to"
-                    } else {
-                        "failed talking to"
-                    };
-                    let source = std::error::Error::source(&err)
-                        .map(|source| format!(": {source}"))
-                        .unwrap_or_default();
-                    Refusal::Status(
-                        StatusCode::BAD_GATEWAY,
-                        "upstream_unavailable",
-                        format!("{what} upstream {authority}{source}"),
-                    )
-                })?;
-        let (mut parts, body) = response.into_parts();
-        prepare_response_headers(&mut parts.headers, parts.version);
-        let body = body.map_err(|err| -> BoxError { Box::new(err) }).boxed();
-        Ok((Response::from_parts(parts, body), &pool.details[index]))
+        let small = body
+            .size_hint()
+            .exact()
+            .is_some_and(|length| length <= REPLAY_LIMIT);
+        let (replay, mut streamed) = if body.is_end_stream() {
+            (Some(Bytes::new()), None)
+        } else if small {
+            (Some(self.read_body(&parts.headers, body).await?), None)
+        } else {
+            let limited = Limited::new(body, self.limits.max_body_bytes);
+            (
+                None,
+                Some(limited.map_err(|err| -> BoxError { err }).boxed()),
+            )
+        };
+
+        let upstream = &pool.upstream;
+        let mut session = upstream.retry_session(parts.method.clone());
+        loop {
+            let Some(attempt_timeout) = session.attempt_timeout() else {
+                return Err(Refusal::Status(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream_timeout",
+                    format!("{} did not answer within the deadline", upstream.name()),
+                ));
+            };
+            let guard = upstream.pick(&parts.headers).map_err(|err| {
+                Refusal::Status(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream_unavailable",
+                    err.to_string(),
+                )
+            })?;
+            let addr = guard.addr();
+            let Some((_, authority, detail)) = pool.target(addr) else {
+                return Err(Refusal::Status(
+                    StatusCode::BAD_GATEWAY,
+                    "no_upstream",
+                    format!("{addr} is not one of {}'s addresses", upstream.name()),
+                ));
+            };
+            let body = match (&replay, streamed.take()) {
+                (Some(bytes), _) => Full::new(bytes.clone())
+                    .map_err(|never| match never {})
+                    .boxed(),
+                (None, Some(body)) => body,
+                // A streamed body went with the first attempt; the loop ends after it.
+                (None, None) => break,
+            };
+            let mut uri = http::uri::Parts::default();
+            uri.scheme = Some(Scheme::HTTP);
+            uri.authority = Some(authority.clone());
+            uri.path_and_query = Some(path_and_query.clone());
+            let mut attempt = Request::new(body);
+            *attempt.method_mut() = parts.method.clone();
+            *attempt.uri_mut() = Uri::from_parts(uri).map_err(|err| {
+                Refusal::Status(StatusCode::BAD_REQUEST, "bad_path", err.to_string())
+            })?;
+            *attempt.version_mut() = parts.version;
+            *attempt.headers_mut() = parts.headers.clone();
+
+            let (failure, refusal) =
+                match tokio::time::timeout(attempt_timeout, pool.client.request(attempt)).await {
+                    Ok(Ok(response)) => {
+                        let status = response.status();
+                        guard.record(Outcome::Response(status));
+                        pool.count(addr, Cow::Owned(status.as_u16().to_string()));
+                        let retryable = upstream
+                            .config()
+                            .retry
+                            .retry_statuses
+                            .contains(&status.as_u16());
+                        if retryable
+                            && replay.is_some()
+                            && session.after_failure(FailureKind::Status(status), true)
+                                == RetryDecision::Retry
+                        {
+                            continue;
+                        }
+                        let (mut parts, body) = response.into_parts();
+                        prepare_response_headers(&mut parts.headers, parts.version);
+                        let body = body.map_err(|err| -> BoxError { Box::new(err) }).boxed();
+                        return Ok((Response::from_parts(parts, body), detail.as_str()));
+                    }
+                    Ok(Err(err)) => {
+                        let connect = err.is_connect();
+                        guard.record(if connect {
+                            Outcome::ConnectFailure
+                        } else {
+                            Outcome::Failure
+                        });
+                        let (kind, what, counted) = if connect {
+                            (
+                                FailureKind::ConnectFailure,
+                                "cannot connect to",
+                                "connect_failure",
+                            )
+                        } else {
+                            (FailureKind::Other, "failed talking to", "failure")
+                        };
+                        pool.count(addr, Cow::Borrowed(counted));
+                        let source = std::error::Error::source(&err)
+                            .map(|source| format!(": {source}"))
+                            .unwrap_or_default();
+                        let refusal = Refusal::Status(
+                            StatusCode::BAD_GATEWAY,
+                            "upstream_unavailable",
+                            format!("{what} upstream {authority}{source}"),
+                        );
+                        (kind, refusal)
+                    }
+                    Err(_) => {
+                        guard.record(Outcome::Failure);
+                        pool.count(addr, Cow::Borrowed("timeout"));
+                        let refusal = Refusal::Status(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "upstream_timeout",
+                            format!("{authority} did not answer within {attempt_timeout:?}"),
+                        );
+                        (FailureKind::PerTryTimeout, refusal)
+                    }
+                };
+            // Nothing reached the endpoint only when the connection was never made.
+            let bytes_sent = failure != FailureKind::ConnectFailure;
+            if replay.is_none()
+                || session.after_failure(failure, bytes_sent) != RetryDecision::Retry
+            {
+                return Err(refusal);
+            }
+        }
+        Err(Refusal::Status(
+            StatusCode::BAD_GATEWAY,
+            "upstream_unavailable",
+            format!("{} could not be reached", upstream.name()),
+        ))
     }
 
     /// To an instance of the route's service, found through discovery, via the shared client.
@@ -1265,5 +1426,222 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// An upstream answering every request with `status` and its `name`, counting requests.
+    async fn named_upstream(
+        name: &'static str,
+        status: StatusCode,
+    ) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let counter = hits.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let counter = counter.clone();
+                let service = hyper::service::service_fn(move |_request: Request<Incoming>| {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    let mut response = Response::new(Full::new(Bytes::from(name)));
+                    *response.status_mut() = status;
+                    async move { Ok::<_, std::convert::Infallible>(response) }
+                });
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        (addr, hits)
+    }
+
+    async fn policy_gateway(
+        addrs: Vec<SocketAddr>,
+        policy: crate::upstream::UpstreamConfig,
+    ) -> (SocketAddr, causeway_core::serve::ShutdownTrigger) {
+        let mut metrics = causeway_core::telemetry::Metrics::new("reverse-proxy", "test");
+        let client = idle_client(&mut metrics);
+        let mut route = static_route(addrs, UpstreamProtocol::Http1);
+        if let Some(upstream) = route.upstream.as_mut() {
+            upstream.policy = policy;
+        }
+        let config = ReverseProxyConfig {
+            routes: vec![route],
+            request_timeout_ms: 3000,
+            ..ReverseProxyConfig::default()
+        };
+        start_gateway(config, client, metrics).await
+    }
+
+    async fn get(gateway: SocketAddr, method: http::Method) -> (StatusCode, String) {
+        let body = (method == http::Method::POST).then(|| b"{}".to_vec());
+        let (status, body) = causeway_client::plain_http::request(
+            method,
+            gateway,
+            "/static/x",
+            body,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn gets_are_retried_off_a_503_upstream_until_it_is_ejected() {
+        use crate::upstream::{BalancePolicy, UpstreamConfig};
+        let (bad, bad_hits) = named_upstream("bad", StatusCode::SERVICE_UNAVAILABLE).await;
+        let (one, one_hits) = named_upstream("one", StatusCode::OK).await;
+        let (two, two_hits) = named_upstream("two", StatusCode::OK).await;
+        let mut policy = UpstreamConfig {
+            balance: BalancePolicy::RoundRobin,
+            ..UpstreamConfig::default()
+        };
+        policy.outlier.consecutive_5xx = 3;
+        let (gateway, _stop) = policy_gateway(vec![bad, one, two], policy).await;
+        for _ in 0..12 {
+            let (status, body) = get(gateway, http::Method::GET).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+        }
+        // Three 503s in a row ejected it (base ejection 30 s): no more traffic.
+        assert_eq!(bad_hits.load(Ordering::SeqCst), 3);
+        for _ in 0..10 {
+            assert_eq!(get(gateway, http::Method::GET).await.0, StatusCode::OK);
+        }
+        assert_eq!(bad_hits.load(Ordering::SeqCst), 3);
+        assert_eq!(
+            one_hits.load(Ordering::SeqCst) + two_hits.load(Ordering::SeqCst),
+            22
+        );
+    }
+
+    #[tokio::test]
+    async fn retries_stop_when_the_budget_is_spent() {
+        use crate::upstream::{BalancePolicy, UpstreamConfig};
+        let (bad, bad_hits) = named_upstream("bad", StatusCode::SERVICE_UNAVAILABLE).await;
+        let (good, _) = named_upstream("good", StatusCode::OK).await;
+        let mut policy = UpstreamConfig {
+            balance: BalancePolicy::RoundRobin,
+            ..UpstreamConfig::default()
+        };
+        policy.outlier.enabled = false;
+        // One retry per second, whatever the traffic.
+        policy.retry_budget.ratio = 0.0;
+        policy.retry_budget.min_retries_per_second = 1;
+        policy.retry_budget.window_ms = 1000;
+        policy.retry_budget.buckets = 1;
+        let (gateway, _stop) = policy_gateway(vec![bad, good], policy).await;
+        let mut statuses = Vec::new();
+        for _ in 0..8 {
+            statuses.push(get(gateway, http::Method::GET).await.0);
+        }
+        let unavailable = statuses
+            .iter()
+            .filter(|s| **s == StatusCode::SERVICE_UNAVAILABLE)
+            .count();
+        // Half the first attempts hit the bad one; one of those was retried, the rest were not.
+        assert!(bad_hits.load(Ordering::SeqCst) >= 4, "{statuses:?}");
+        assert!(
+            unavailable >= 2,
+            "the budget allowed every retry: {statuses:?}"
+        );
+        assert!(
+            unavailable < bad_hits.load(Ordering::SeqCst),
+            "nothing was retried: {statuses:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_post_is_not_retried_after_the_upstream_dropped_it_but_a_dead_address_is_skipped() {
+        use tokio::io::AsyncReadExt;
+        // Reads the request, then closes without answering.
+        let dropper = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dropper_addr = dropper.local_addr().unwrap();
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let counter = dropped.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = dropper.accept().await {
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                counter.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        let (good, good_hits) = named_upstream("good", StatusCode::OK).await;
+        let policy = crate::upstream::UpstreamConfig {
+            balance: crate::upstream::BalancePolicy::RoundRobin,
+            ..Default::default()
+        };
+        let (gateway, _stop) = policy_gateway(vec![dropper_addr, good], policy.clone()).await;
+        let mut bad_gateway = 0;
+        for _ in 0..4 {
+            let (status, _) = get(gateway, http::Method::POST).await;
+            if status == StatusCode::BAD_GATEWAY {
+                bad_gateway += 1;
+            } else {
+                assert_eq!(status, StatusCode::OK);
+            }
+        }
+        // Every POST that reached the dropper came back as 502, none was sent on.
+        assert_eq!(bad_gateway, dropped.load(Ordering::SeqCst));
+        assert!(bad_gateway >= 1);
+        assert_eq!(good_hits.load(Ordering::SeqCst), 4 - bad_gateway);
+        task.abort();
+
+        // A dead address: the connect fails, nothing was sent, so even a POST goes on.
+        let dead = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap()
+        };
+        let (gateway, _stop) = policy_gateway(vec![dead, good], policy).await;
+        for method in [
+            http::Method::GET,
+            http::Method::POST,
+            http::Method::GET,
+            http::Method::POST,
+        ] {
+            let (status, body) = get(gateway, method).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            assert_eq!(body, "good");
+        }
+    }
+
+    #[tokio::test]
+    async fn consistent_hashing_keeps_a_key_on_one_upstream() {
+        use crate::upstream::{BalancePolicy, Fallback, HashKey, UpstreamConfig};
+        let mut addrs = Vec::new();
+        for name in ["a", "b", "c"] {
+            addrs.push(named_upstream(name, StatusCode::OK).await.0);
+        }
+        let policy = UpstreamConfig {
+            balance: BalancePolicy::ConsistentHash {
+                key: HashKey::Header {
+                    name: "x-user".into(),
+                },
+                table_size: 65_537,
+                fallback: Fallback::RoundRobin,
+            },
+            ..UpstreamConfig::default()
+        };
+        let (gateway, _stop) = policy_gateway(addrs, policy).await;
+        let mut seen = std::collections::HashSet::new();
+        for user in 0..20 {
+            let ask = || async {
+                let answer = raw_exchange(
+                    gateway,
+                    &format!("GET /static/x HTTP/1.1\r\nHost: a\r\nx-user: user-{user}\r\nConnection: close\r\n\r\n"),
+                )
+                .await;
+                split_answer(&answer).1.to_owned()
+            };
+            let first = ask().await;
+            for _ in 0..3 {
+                assert_eq!(ask().await, first, "user-{user} moved");
+            }
+            seen.insert(first);
+        }
+        assert!(seen.len() > 1, "every key went to one upstream: {seen:?}");
     }
 }
