@@ -16,6 +16,8 @@ use causeway_core::telemetry::{HttpMetrics, Metrics};
 use causeway_core::topology::{ServiceConfig, instance_addr};
 use causeway_core::{ChildReport, Launch, Role};
 use causeway_discovery::{DiscoveryServer, Registry};
+use causeway_proxy::reload::Reloadable;
+use causeway_proxy::routing::RouteTable;
 use causeway_proxy::{Balancer, Gateway};
 use causeway_queue::{BrokerLink, BrokerTarget, ConnectOptions, QueueError, ResolveBroker};
 use causeway_services::ServiceDeps;
@@ -25,6 +27,8 @@ use hyper_util::service::TowerToHyperService;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
+/// How often the reverse proxy looks at its Ingress files for changes.
+const INGRESS_POLL: Duration = Duration::from_millis(500);
 /// How long open connections may finish after SIGTERM.
 const DRAIN: Duration = Duration::from_millis(700);
 /// How long start-up waits for the registry to accept this instance.
@@ -308,18 +312,42 @@ async fn start_reverse_proxy(
     let tls = tls_acceptor(launch)?;
     let key = causeway_proxy::auth::load_or_create_key(&launch.data().jwt_key())?;
     let http = metrics.http_server();
-    let gateway = Arc::new(Gateway::new(launch.instance(), config, &key, client, http));
-    gateway.register_upstream_metrics(metrics.registry_mut());
+    let table = RouteTable::load(&config.routes, &config.ingress)?;
+    let build = {
+        let (instance, config, client) = (launch.instance(), config.clone(), client.clone());
+        move |table| {
+            Gateway::with_routes(
+                instance.clone(),
+                &config,
+                table,
+                &key,
+                client.clone(),
+                http.clone(),
+            )
+        }
+    };
+    let first = build(table);
+    first.register_upstream_metrics(metrics.registry_mut());
     let mut tasks = announce(launch, listen, admin, metrics, &shutdown).await?;
-    tasks.extend(gateway.spawn_health_checkers(&shutdown));
+    tasks.extend(first.spawn_health_checkers(&shutdown));
+    let gateway_limits = first.limits().clone();
+    tracing::info!(source = first.route_source(), "routes loaded");
+    let gateway = Arc::new(Reloadable::new(first));
+    if !config.ingress.is_empty() {
+        tasks.push(tokio::spawn(watch_ingress(
+            config.clone(),
+            gateway.clone(),
+            build,
+            shutdown.clone(),
+        )));
+    }
 
-    let gateway_limits = gateway.limits().clone();
     let sweeper = gateway.clone();
     let mut sweeper_shutdown = shutdown.clone();
     tasks.push(tokio::spawn(async move {
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(60)) => sweeper.forget_idle_clients(),
+                _ = tokio::time::sleep(Duration::from_secs(60)) => sweeper.current().forget_idle_clients(),
                 _ = sweeper_shutdown.wait() => return,
             }
         }
@@ -327,7 +355,8 @@ async fn start_reverse_proxy(
     let make_service = move |peer: SocketAddr| {
         let gateway = gateway.clone();
         hyper::service::service_fn(move |request| {
-            let gateway = gateway.clone();
+            // Each request keeps the gateway it started with across a reload.
+            let gateway = gateway.current();
             async move { Ok::<_, Infallible>(gateway.handle(request, peer).await) }
         })
     };
@@ -346,6 +375,40 @@ async fn start_reverse_proxy(
         .await
     }));
     Ok(tasks)
+}
+
+/// Reloads the Ingress routes when their files change (or on SIGHUP): a new gateway takes the
+/// new requests, requests in flight finish on the old one, and a file that does not parse leaves
+/// the routes in use. Static upstreams are configured in the topology, not in Ingress files, so
+/// a reload builds no upstream pools or health checkers.
+async fn watch_ingress(
+    config: causeway_core::topology::ReverseProxyConfig,
+    gateway: Arc<Reloadable<Gateway>>,
+    build: impl Fn(RouteTable) -> Gateway + Send + 'static,
+    shutdown: Shutdown,
+) {
+    let files = config.ingress.clone();
+    causeway_proxy::reload::watch_files(files, INGRESS_POLL, shutdown, move |why| {
+        match RouteTable::load(&config.routes, &config.ingress) {
+            Ok(table) => {
+                let routes = table.routes().len();
+                gateway.replace(build(table));
+                tracing::info!(
+                    event = "proxy.routes_reloaded",
+                    why,
+                    routes,
+                    "routes reloaded"
+                );
+            }
+            Err(err) => tracing::error!(
+                event = "proxy.reload_refused",
+                why,
+                error = %err,
+                "routing files do not load; kept the routes in use"
+            ),
+        }
+    })
+    .await;
 }
 
 /// The service's link to its broker: `messaging.broker_url` if set, else the embedded broker,

@@ -54,6 +54,16 @@ struct Supervisor {
 pub async fn up(mut topology: Topology) -> anyhow::Result<()> {
     let data_root = prepare_data_dir(&topology.data_dir)?;
     topology.data_dir = data_root.clone();
+    // Components may run elsewhere than here: they get absolute routing-file paths, checked now
+    // so that a broken file stops `up` with its own error rather than a proxy failing to start.
+    for file in &mut topology.reverse_proxy.ingress {
+        *file = std::path::absolute(&*file)
+            .with_context(|| format!("ingress file {}", file.display()))?;
+    }
+    causeway_proxy::routing::RouteTable::load(
+        &topology.reverse_proxy.routes,
+        &topology.reverse_proxy.ingress,
+    )?;
     let data = DataDir::new(&data_root);
     if let Ok(state) = RunState::load(&data_root)
         && state.supervisor_pid != std::process::id()

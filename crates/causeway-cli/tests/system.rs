@@ -41,6 +41,41 @@ fn served_by(response: &causeway_cli::edge::EdgeResponse) -> String {
         .to_string()
 }
 
+/// A client that sends `GET /api/users/123/orders` through the edge, one new connection per
+/// request, from `started` until `run_for` has passed; returns each answer's status (0: none).
+fn edge_load(
+    system: &System,
+    token: &str,
+    started: Instant,
+    run_for: Duration,
+) -> tokio::task::JoinHandle<Vec<u16>> {
+    let token = token.to_string();
+    let edge = system.edge();
+    let ca = system.data().ca_cert();
+    tokio::spawn(async move {
+        let mut statuses = Vec::new();
+        while started.elapsed() < run_for {
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                header::AUTHORIZATION,
+                HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+            );
+            let response = causeway_cli::edge::request(
+                edge,
+                "localhost",
+                &ca,
+                Method::GET,
+                "/api/users/123/orders",
+                headers,
+                Bytes::new(),
+            )
+            .await;
+            statuses.push(response.map(|r| r.status.as_u16()).unwrap_or(0));
+        }
+        statuses
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rest_request_travels_every_hop_and_comes_back() {
     let system = System::start(test_topology());
@@ -299,34 +334,10 @@ async fn a_killed_order_instance_costs_no_request_and_rejoins() {
     let old_pid = system.pid_of(victim).expect("victim pid");
 
     let started = Instant::now();
-    let load = |system: &System| {
-        let token = token.clone();
-        let edge = system.edge();
-        let ca = system.data().ca_cert();
-        tokio::spawn(async move {
-            let mut statuses = Vec::new();
-            while started.elapsed() < Duration::from_secs(4) {
-                let mut headers = HeaderMap::new();
-                headers.insert(
-                    header::AUTHORIZATION,
-                    HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
-                );
-                let response = causeway_cli::edge::request(
-                    edge,
-                    "localhost",
-                    &ca,
-                    Method::GET,
-                    "/api/users/123/orders",
-                    headers,
-                    Bytes::new(),
-                )
-                .await;
-                statuses.push(response.map(|r| r.status.as_u16()).unwrap_or(0));
-            }
-            statuses
-        })
-    };
-    let workers = [load(&system), load(&system)];
+    let workers = [
+        edge_load(&system, &token, started, Duration::from_secs(4)),
+        edge_load(&system, &token, started, Duration::from_secs(4)),
+    ];
     tokio::time::sleep(Duration::from_secs(1)).await;
     signal(old_pid, Signal::SIGKILL);
 
@@ -1015,33 +1026,7 @@ async fn a_killed_reverse_proxy_costs_only_its_open_connections() {
     let victim = system.pid_of("reverse-proxy-1").expect("reverse proxy pid");
     let started = Instant::now();
     let workers: Vec<_> = (0..2)
-        .map(|_| {
-            let token = token.clone();
-            let edge = system.edge();
-            let ca = system.data().ca_cert();
-            tokio::spawn(async move {
-                let mut statuses = Vec::new();
-                while started.elapsed() < Duration::from_secs(3) {
-                    let mut headers = HeaderMap::new();
-                    headers.insert(
-                        header::AUTHORIZATION,
-                        HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
-                    );
-                    let response = causeway_cli::edge::request(
-                        edge,
-                        "localhost",
-                        &ca,
-                        Method::GET,
-                        "/api/users/123/orders",
-                        headers,
-                        Bytes::new(),
-                    )
-                    .await;
-                    statuses.push(response.map(|r| r.status.as_u16()).unwrap_or(0));
-                }
-                statuses
-            })
-        })
+        .map(|_| edge_load(&system, &token, started, Duration::from_secs(3)))
         .collect();
     tokio::time::sleep(Duration::from_millis(800)).await;
     signal(victim, Signal::SIGKILL);
@@ -1057,4 +1042,77 @@ async fn a_killed_reverse_proxy_costs_only_its_open_connections() {
         "{failed} of {} requests failed",
         statuses.len()
     );
+}
+
+/// The reverse proxies take their routes from Kubernetes Ingress files and reload them when the
+/// file changes: a route added under load starts serving, a broken file is refused (the old routes
+/// keep serving), and no request fails along the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ingress_routes_reload_under_load_without_failed_requests() {
+    let dir = fresh_dir("ingress");
+    std::fs::create_dir_all(&dir).unwrap();
+    let ingress_file = dir.join("ingress.yaml");
+    let edge_routes = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/k8s/ingress.yaml"
+    ))
+    .unwrap();
+    std::fs::write(&ingress_file, &edge_routes).unwrap();
+    let mut topology = test_topology();
+    topology.reverse_proxy.ingress = vec![ingress_file.clone()];
+    let system = System::start(topology);
+    let token = system.token("123", 300);
+
+    // Through the Ingress routes, with the strip-prefix annotation: the REST path works.
+    let response = system.get("/api/users/123/orders", Some(&token)).await;
+    assert_eq!(response.status, StatusCode::OK, "{:?}", response.body);
+    let public = "/public/orders?userId=123";
+    assert_eq!(system.get(public, None).await.status, StatusCode::NOT_FOUND);
+
+    let started = Instant::now();
+    let workers: Vec<_> = (0..2)
+        .map(|_| edge_load(&system, &token, started, Duration::from_secs(4)))
+        .collect();
+
+    // A broken file is refused; the routes in use stay.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    std::fs::write(
+        &ingress_file,
+        "apiVersion: networking.k8s.io/v1\nkind: Ingress\n",
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // A public route to Order Service added while the load runs.
+    let added = format!(
+        "{edge_routes}---\n\
+         apiVersion: networking.k8s.io/v1\n\
+         kind: Ingress\n\
+         metadata:\n  name: public-orders\n  namespace: causeway\n  annotations:\n    causeway.dev/strip-prefix: /public\n    causeway.dev/auth: \"false\"\n\
+         spec:\n  rules:\n  - http:\n      paths:\n      - {{path: /public/orders, pathType: Prefix, backend: {{service: {{name: order-service, port: {{name: https}}}}}}}}\n"
+    );
+    std::fs::write(&ingress_file, added).unwrap();
+    let served = eventually(Duration::from_secs(10), async || {
+        (system.get(public, None).await.status == StatusCode::OK).then_some(())
+    })
+    .await;
+    assert!(served.is_some(), "the added route serves after the reload");
+
+    let mut statuses = Vec::new();
+    for worker in workers {
+        statuses.extend(worker.await.unwrap());
+    }
+    let failed: Vec<_> = statuses.iter().filter(|s| **s != 200).collect();
+    assert!(statuses.len() > 20, "the load ran: {}", statuses.len());
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed during reloads: {failed:?}",
+        failed.len(),
+        statuses.len()
+    );
+    let log = std::fs::read_to_string(system.data().log("reverse-proxy-1")).unwrap_or_default();
+    assert!(
+        log.contains("routes reloaded") && log.contains("kept the routes in use"),
+        "both reloads are logged: {log}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -220,6 +220,11 @@ pub struct ReverseProxyConfig {
     pub jwt: JwtConfig,
     pub rate_limit: RateLimitConfig,
     pub routes: Vec<RouteConfig>,
+    /// Kubernetes Ingress files (`networking.k8s.io/v1`, e.g. `deploy/k8s/ingress.yaml`) whose
+    /// routes replace `routes` when any are named. They are reloaded when they change (or on
+    /// SIGHUP) without dropping requests; a file that does not parse leaves the routes in use.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ingress: Vec<PathBuf>,
 }
 
 impl Default for ReverseProxyConfig {
@@ -234,6 +239,7 @@ impl Default for ReverseProxyConfig {
             limits: Limits::default(),
             jwt: JwtConfig::default(),
             rate_limit: RateLimitConfig::default(),
+            ingress: Vec::new(),
             routes: vec![
                 RouteConfig {
                     prefix: "/api/users/".into(),

@@ -36,6 +36,7 @@ use tokio::task::JoinHandle;
 
 use crate::auth::{AuthError, Verifier};
 use crate::hygiene::{self, Forwarding, Limits, LimitsExt, Upgrade};
+use crate::routing::RouteTable;
 use crate::upstream::{
     EndpointSpec, FailureKind, Outcome, RetryDecision, Upstream, UpstreamError, UpstreamMetrics,
 };
@@ -49,7 +50,9 @@ const VIA_NAME: &str = "causeway";
 
 pub struct Gateway {
     instance: String,
+    /// In the route table's order; the table picks an index.
     routes: Vec<Route>,
+    table: RouteTable,
     verifier: Verifier,
     limiter: DefaultKeyedRateLimiter<ClientKey>,
     client: Arc<ServiceClient>,
@@ -192,9 +195,23 @@ impl StaticPool {
 }
 
 impl Gateway {
+    /// A gateway routing by `config.routes` (see [`with_routes`](Self::with_routes) for Ingress).
     pub fn new(
         instance: String,
         config: &ReverseProxyConfig,
+        jwt_key: &[u8],
+        client: Arc<ServiceClient>,
+        metrics: HttpMetrics,
+    ) -> Self {
+        let table = RouteTable::from_routes(config.routes.clone());
+        Self::with_routes(instance, config, table, jwt_key, client, metrics)
+    }
+
+    /// A gateway routing by `table` (from the topology's routes or Ingress files).
+    pub fn with_routes(
+        instance: String,
+        config: &ReverseProxyConfig,
+        table: RouteTable,
         jwt_key: &[u8],
         client: Arc<ServiceClient>,
         metrics: HttpMetrics,
@@ -203,8 +220,8 @@ impl Gateway {
         let request_timeout = limits.request_timeout();
         let upstream_metrics = UpstreamMetrics::default();
         let attempts = Family::default();
-        let mut routes: Vec<Route> = config
-            .routes
+        let routes: Vec<Route> = table
+            .routes()
             .iter()
             .map(|route| Route {
                 upstream: route.upstream.as_ref().map(|upstream| {
@@ -225,14 +242,13 @@ impl Gateway {
                 config: route.clone(),
             })
             .collect();
-        // Longest prefix first, so that the first match is the most specific.
-        routes.sort_by_key(|route| std::cmp::Reverse(route.config.prefix.len()));
         let per_second =
             NonZeroU32::new(config.rate_limit.requests_per_second).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(config.rate_limit.burst).unwrap_or(NonZeroU32::MIN);
         Self {
             instance,
             routes,
+            table,
             verifier: Verifier::new(jwt_key, &config.jwt),
             limiter: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
             client,
@@ -308,10 +324,16 @@ impl Gateway {
             .to_bytes())
     }
 
-    fn route(&self, path: &str) -> Option<&Route> {
-        self.routes
-            .iter()
-            .find(|route| path.starts_with(&route.config.prefix))
+    /// The route for a request to `host` (`Host` or `:authority`) and `path`.
+    fn route(&self, host: Option<&str>, path: &str) -> Option<&Route> {
+        self.table
+            .lookup(host, path)
+            .and_then(|index| self.routes.get(index))
+    }
+
+    /// Where the routes came from, for logs.
+    pub fn route_source(&self) -> &'static str {
+        self.table.source()
     }
 
     fn too_large(&self) -> Refusal {
@@ -366,7 +388,12 @@ impl Gateway {
         // Cheap: a URI's parts are reference-counted.
         let uri = request.uri().clone();
         let version = request.version();
-        let route = self.route(uri.path());
+        let host = request
+            .headers()
+            .get(header::HOST)
+            .and_then(|value| value.to_str().ok())
+            .or_else(|| uri.authority().map(|authority| authority.as_str()));
+        let route = self.route(host, uri.path());
         let route_name = route.map_or("unmatched", |route| route.config.prefix.as_str());
 
         let grpc = is_grpc(request.headers());
