@@ -2,6 +2,14 @@
 //! limit, body size), routing by path prefix to a service, forwarding through the shared client
 //! library (discovery, balancing, retries), and the answer streamed back with the hop's
 //! `Server-Timing` entry, request id and access log line.
+//!
+//! WebSocket: an HTTP/1.1 upgrade (`Connection: upgrade`, `Upgrade: websocket`) on a route with a
+//! static HTTP/1.1 upstream is forwarded with its `Upgrade` kept; when the upstream answers
+//! `101 Switching Protocols` the 101 goes back to the client and the two upgraded connections
+//! are spliced byte for byte until either side closes. Routes to discovered services (HTTP/2 to
+//! the service) and to h2c upstreams cannot carry an HTTP/1.1 upgrade and answer 501
+//! `websocket_unsupported`. HTTP/2 extended CONNECT (RFC 8441, WebSocket over HTTP/2) is not
+//! supported, in either direction.
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
@@ -27,10 +35,11 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body as _, Incoming};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::task::JoinHandle;
 
@@ -61,6 +70,8 @@ pub struct Gateway {
     limits: Limits,
     upstream_metrics: UpstreamMetrics,
     attempts: Family<AttemptLabels, Counter>,
+    /// WebSocket tunnels: ended ones by outcome, open ones, bytes each way.
+    tunnels: TunnelMetrics,
     /// Whether clients reach this gateway over plain HTTP (benchmarks, behind a TLS terminator).
     plain_http: bool,
 }
@@ -109,6 +120,8 @@ const REPLAY_LIMIT: u64 = 64 * 1024;
 /// retried by the proxy engine's [`Upstream`].
 struct StaticPool {
     client: Client<HttpConnector, StaticBody>,
+    /// HTTP/1.1 (which can carry a WebSocket upgrade) or h2c (which cannot).
+    protocol: UpstreamProtocol,
     upstream: Upstream,
     /// Per address: its URI authority and Server-Timing description, formatted once.
     targets: Vec<(SocketAddr, Authority, String)>,
@@ -122,6 +135,33 @@ struct AttemptLabels {
     endpoint: String,
     /// The status code, or `connect_failure`, `failure`, `timeout`.
     outcome: Cow<'static, str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TunnelLabels {
+    route: String,
+    /// `closed`, `error` or `upgrade_failed`.
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TunnelRouteLabels {
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TunnelBytesLabels {
+    route: String,
+    /// `to_upstream` or `to_client`.
+    direction: &'static str,
+}
+
+/// Metrics of spliced WebSocket connections.
+#[derive(Clone, Default)]
+struct TunnelMetrics {
+    ended: Family<TunnelLabels, Counter>,
+    open: Family<TunnelRouteLabels, Gauge>,
+    bytes: Family<TunnelBytesLabels, Counter>,
 }
 
 impl StaticPool {
@@ -143,10 +183,11 @@ impl StaticPool {
             .pool_max_idle_per_host(upstream.pool_max_idle_per_addr)
             .http2_only(upstream.protocol == UpstreamProtocol::H2c)
             .build(connector);
-        let protocol = match upstream.protocol {
+        let protocol_name = match upstream.protocol {
             UpstreamProtocol::Http1 => "HTTP/1.1",
             UpstreamProtocol::H2c => "h2c",
         };
+        let protocol = upstream.protocol;
         let prefix = &route.prefix;
         let targets = upstream
             .addrs
@@ -154,7 +195,7 @@ impl StaticPool {
             .filter_map(|addr| {
                 let authority = Authority::try_from(addr.to_string()).ok()?;
                 let detail = escape_description(&format!(
-                    "{instance} routed {prefix} to {addr} over {protocol}"
+                    "{instance} routed {prefix} to {addr} over {protocol_name}"
                 ));
                 Some((*addr, authority, detail))
             })
@@ -173,6 +214,7 @@ impl StaticPool {
         let upstream = Upstream::with_metrics(prefix.clone(), config, specs, metrics.clone())?;
         Ok(Self {
             client,
+            protocol,
             upstream,
             targets,
             attempts: attempts.clone(),
@@ -256,6 +298,7 @@ impl Gateway {
             limits,
             upstream_metrics,
             attempts,
+            tunnels: TunnelMetrics::default(),
             plain_http: false,
         }
     }
@@ -268,6 +311,21 @@ impl Gateway {
             "upstream_attempts",
             "Attempts per static upstream endpoint, by status or failure",
             self.attempts.clone(),
+        );
+        registry.register(
+            "websocket_tunnels",
+            "WebSocket tunnels that ended, by route and outcome (closed, error, upgrade_failed)",
+            self.tunnels.ended.clone(),
+        );
+        registry.register(
+            "websocket_tunnels_open",
+            "WebSocket tunnels open now, by route",
+            self.tunnels.open.clone(),
+        );
+        registry.register(
+            "websocket_tunnel_bytes",
+            "Bytes carried by WebSocket tunnels, by route and direction",
+            self.tunnels.bytes.clone(),
         );
     }
 
@@ -340,9 +398,9 @@ impl Gateway {
         Refusal::Hygiene(hygiene::Refusal::body_too_large(self.limits.max_body_bytes))
     }
 
-    /// Request headers as they leave for the upstream: hop-by-hop fields removed (`Upgrade` too:
-    /// WebSocket upgrades are not proxied yet; `te: trailers` stays for gRPC), the subject header
-    /// only as the gateway set it, then `X-Forwarded-*`, `Forwarded` and `Via` for this hop.
+    /// Request headers as they leave for the upstream: hop-by-hop fields removed (`Upgrade` too,
+    /// unless a WebSocket upgrade is passed through; `te: trailers` stays for gRPC), the subject
+    /// header only as the gateway set it, then `X-Forwarded-*`, `Forwarded` and `Via` for this hop.
     fn prepare_request_headers(
         &self,
         headers: &mut HeaderMap,
@@ -350,8 +408,9 @@ impl Gateway {
         authority: Option<&Authority>,
         peer: SocketAddr,
         subject: Option<&str>,
+        upgrade: Upgrade,
     ) {
-        hygiene::strip_hop_by_hop(headers, Upgrade::Strip);
+        hygiene::strip_hop_by_hop(headers, upgrade);
         headers.remove(AUTHENTICATED_SUBJECT);
         if let Some(value) = subject.and_then(|sub| HeaderValue::from_str(sub).ok()) {
             headers.insert(AUTHENTICATED_SUBJECT, value);
@@ -506,6 +565,8 @@ impl Gateway {
             ));
         }
 
+        // Checked after auth and rate limiting: an upgrade is a request like any other until then.
+        let websocket = is_websocket_upgrade(request.version(), request.headers());
         match &route.upstream {
             Some(Err(problem)) => Err(Refusal::Status(
                 StatusCode::BAD_GATEWAY,
@@ -515,11 +576,33 @@ impl Gateway {
                     route.config.prefix
                 ),
             )),
+            Some(Ok(pool)) if websocket && pool.protocol != UpstreamProtocol::Http1 => {
+                Err(Refusal::Status(
+                    StatusCode::NOT_IMPLEMENTED,
+                    "websocket_unsupported",
+                    format!(
+                        "route {} forwards to its upstream over h2c, which cannot carry an \
+                         HTTP/1.1 WebSocket upgrade; use an HTTP/1.1 upstream for WebSocket",
+                        route.config.prefix
+                    ),
+                ))
+            }
+            None if websocket => Err(Refusal::Status(
+                StatusCode::NOT_IMPLEMENTED,
+                "websocket_unsupported",
+                format!(
+                    "route {} forwards to service {} over HTTP/2, which cannot carry an HTTP/1.1 \
+                     WebSocket upgrade; WebSocket is proxied only on routes with a static \
+                     HTTP/1.1 upstream",
+                    route.config.prefix, route.config.service
+                ),
+            )),
             Some(Ok(pool)) => self
                 .forward_static(
                     route,
                     pool,
                     request,
+                    websocket,
                     Caller {
                         peer,
                         trace,
@@ -543,11 +626,17 @@ impl Gateway {
     /// failure or a retryable status, any request on a connect failure (nothing was sent), each
     /// attempt under the per-try timeout, all within the deadline and the retry budget. Only
     /// replayable bodies are retried: empty ones and ones buffered up to [`REPLAY_LIMIT`].
+    ///
+    /// A WebSocket upgrade (`websocket`) goes out with `Upgrade` and `Connection: upgrade`; it is
+    /// retried only after a connect failure (nothing was sent), never after a status or once
+    /// bytes went out. A 101 answer is returned with its `Upgrade` and the two upgraded
+    /// connections spliced in a task of their own; any other answer passes through as is.
     async fn forward_static<'a>(
         &self,
         route: &Route,
         pool: &'a StaticPool,
-        request: Request<Incoming>,
+        mut request: Request<Incoming>,
+        websocket: bool,
         caller: Caller<'_>,
     ) -> Result<(Response<ProxyBody>, &'a str), Refusal> {
         let Caller {
@@ -556,6 +645,7 @@ impl Gateway {
             request_id,
             subject,
         } = caller;
+        let mut client_upgrade = websocket.then(|| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
         self.limits
             .check_declared_length(&parts.headers)
@@ -578,6 +668,11 @@ impl Gateway {
             original_authority.as_ref(),
             peer,
             subject.as_deref(),
+            if websocket {
+                Upgrade::PassThrough
+            } else {
+                Upgrade::Strip
+            },
         );
         inject_trace(trace, request_id, headers);
         // HTTP/1.1 or h2c towards the upstream, whatever the client spoke.
@@ -646,15 +741,37 @@ impl Gateway {
 
             let (failure, refusal) =
                 match tokio::time::timeout(attempt_timeout, pool.client.request(attempt)).await {
-                    Ok(Ok(response)) => {
+                    Ok(Ok(mut response)) => {
                         let status = response.status();
                         guard.record(Outcome::Response(status));
                         pool.count(addr, Cow::Owned(status.as_u16().to_string()));
-                        let retryable = upstream
-                            .config()
-                            .retry
-                            .retry_statuses
-                            .contains(&status.as_u16());
+                        if status == StatusCode::SWITCHING_PROTOCOLS
+                            && let Some(client_upgrade) = client_upgrade.take()
+                        {
+                            let upstream_upgrade = hyper::upgrade::on(&mut response);
+                            self.splice(Tunnel {
+                                route: route.config.prefix.clone(),
+                                peer,
+                                upstream: addr,
+                                request_id: trace.request_id.clone(),
+                                client: client_upgrade,
+                                upstream_io: upstream_upgrade,
+                            });
+                            let (mut parts, _) = response.into_parts();
+                            hygiene::strip_hop_by_hop(&mut parts.headers, Upgrade::PassThrough);
+                            hygiene::add_via(&mut parts.headers, parts.version, VIA_NAME);
+                            let body = Full::new(Bytes::new())
+                                .map_err(|never| match never {})
+                                .boxed();
+                            return Ok((Response::from_parts(parts, body), detail.as_str()));
+                        }
+                        // An upgrade that got an answer is never sent again.
+                        let retryable = !websocket
+                            && upstream
+                                .config()
+                                .retry
+                                .retry_statuses
+                                .contains(&status.as_u16());
                         if retryable
                             && replay.is_some()
                             && session.after_failure(FailureKind::Status(status), true)
@@ -708,6 +825,7 @@ impl Gateway {
             // Nothing reached the endpoint only when the connection was never made.
             let bytes_sent = failure != FailureKind::ConnectFailure;
             if replay.is_none()
+                || (websocket && bytes_sent)
                 || session.after_failure(failure, bytes_sent) != RetryDecision::Retry
             {
                 return Err(refusal);
@@ -718,6 +836,89 @@ impl Gateway {
             "upstream_unavailable",
             format!("{} could not be reached", upstream.name()),
         ))
+    }
+
+    /// Splices an upgraded client connection to the upgraded upstream one in a task of its own,
+    /// which ends when either side closes (or fails) and then logs one line and counts the
+    /// tunnel with the bytes carried each way.
+    fn splice(&self, tunnel: Tunnel) {
+        let metrics = self.tunnels.clone();
+        tokio::spawn(async move {
+            let Tunnel {
+                route,
+                peer,
+                upstream,
+                request_id,
+                client,
+                upstream_io,
+            } = tunnel;
+            let opened = Instant::now();
+            let (client, upstream_io) = match tokio::try_join!(client, upstream_io) {
+                Ok(both) => both,
+                Err(err) => {
+                    tracing::warn!(
+                        %request_id,
+                        client = %peer,
+                        %upstream,
+                        route = %route,
+                        error = %err,
+                        "websocket upgrade failed after 101"
+                    );
+                    metrics
+                        .ended
+                        .get_or_create(&TunnelLabels {
+                            route,
+                            outcome: "upgrade_failed",
+                        })
+                        .inc();
+                    return;
+                }
+            };
+            // A handle of its own: the family's lock is not held while the tunnel runs.
+            let open = metrics
+                .open
+                .get_or_create(&TunnelRouteLabels {
+                    route: route.clone(),
+                })
+                .clone();
+            open.inc();
+            let mut client = Counted::new(TokioIo::new(client));
+            let mut upstream_io = Counted::new(TokioIo::new(upstream_io));
+            let result = tokio::io::copy_bidirectional(&mut client, &mut upstream_io).await;
+            open.dec();
+            // Bytes read from one side are the bytes carried towards the other.
+            let (to_upstream, to_client) = (client.read, upstream_io.read);
+            let outcome = if result.is_ok() { "closed" } else { "error" };
+            metrics
+                .ended
+                .get_or_create(&TunnelLabels {
+                    route: route.clone(),
+                    outcome,
+                })
+                .inc();
+            for (direction, bytes) in [("to_upstream", to_upstream), ("to_client", to_client)] {
+                metrics
+                    .bytes
+                    .get_or_create(&TunnelBytesLabels {
+                        route: route.clone(),
+                        direction,
+                    })
+                    .inc_by(bytes);
+            }
+            let error = result.err().map(|err| err.to_string());
+            tracing::info!(
+                %request_id,
+                client = %peer,
+                %upstream,
+                route = %route,
+                outcome,
+                to_upstream_bytes = to_upstream,
+                to_client_bytes = to_client,
+                duration_ms = opened.elapsed().as_secs_f64() * 1000.0,
+                error = error.as_deref().unwrap_or(""),
+                "websocket tunnel ended"
+            );
+        });
     }
 
     /// To an instance of the route's service, found through discovery, via the shared client.
@@ -746,6 +947,7 @@ impl Gateway {
             parts.uri.authority(),
             peer,
             subject.as_deref(),
+            Upgrade::Strip,
         );
         let options = CallOptions {
             deadline: Some(self.limits.request_timeout()),
@@ -796,6 +998,88 @@ impl Gateway {
         let body = body.map_err(|err| -> BoxError { Box::new(err) }).boxed();
         Ok((Response::from_parts(parts, body), detail))
     }
+}
+
+/// An upgraded client connection and the upstream's, to be spliced.
+struct Tunnel {
+    route: String,
+    peer: SocketAddr,
+    upstream: SocketAddr,
+    request_id: String,
+    client: hyper::upgrade::OnUpgrade,
+    upstream_io: hyper::upgrade::OnUpgrade,
+}
+
+/// Counts the bytes read through an I/O object (for a tunnel's byte counts even when it ends in
+/// an error, which `copy_bidirectional` reports without them).
+struct Counted<T> {
+    inner: T,
+    read: u64,
+}
+
+impl<T> Counted<T> {
+    fn new(inner: T) -> Self {
+        Self { inner, read: 0 }
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let added = buf.filled().len().saturating_sub(before) as u64;
+        self.read += added;
+        polled
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// An HTTP/1.1 WebSocket handshake: `Connection` naming `upgrade` and `Upgrade` naming
+/// `websocket`. Other upgrades (h2c, TLS) are not passed through; their `Upgrade` is stripped.
+fn is_websocket_upgrade(version: http::Version, headers: &HeaderMap) -> bool {
+    fn names(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .any(|item| {
+                // `Upgrade` tokens may carry a version (`websocket/13`).
+                item.split('/')
+                    .next()
+                    .is_some_and(|item| item.trim().eq_ignore_ascii_case(token))
+            })
+    }
+    version == http::Version::HTTP_11
+        && names(headers, header::CONNECTION, "upgrade")
+        && names(headers, header::UPGRADE, "websocket")
 }
 
 fn upstream_request<B>(
@@ -1670,5 +1954,246 @@ mod tests {
             seen.insert(first);
         }
         assert!(seen.len() > 1, "every key went to one upstream: {seen:?}");
+    }
+
+    // ---- WebSocket upgrades ----
+
+    /// An HTTP/1.1 upstream that accepts WebSocket upgrades (101, then echoes every byte) except
+    /// on `/refuse`, which it answers with 400; the 101 carries the `x-forwarded-for` it saw.
+    async fn websocket_upstream() -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let service =
+                    hyper::service::service_fn(|mut request: Request<Incoming>| async move {
+                        if request.uri().path() == "/refuse" {
+                            let mut response =
+                                Response::new(Full::new(Bytes::from("no upgrade here")));
+                            *response.status_mut() = StatusCode::BAD_REQUEST;
+                            return Ok::<_, std::convert::Infallible>(response);
+                        }
+                        let saw_upgrade = request.headers().get(header::UPGRADE).cloned();
+                        let forwarded_for = request.headers().get("x-forwarded-for").cloned();
+                        let upgrade = hyper::upgrade::on(&mut request);
+                        tokio::spawn(async move {
+                            if let Ok(upgraded) = upgrade.await {
+                                let (mut reader, mut writer) =
+                                    tokio::io::split(hyper_util::rt::TokioIo::new(upgraded));
+                                let _ = tokio::io::copy(&mut reader, &mut writer).await;
+                            }
+                        });
+                        let mut response = Response::builder()
+                            .status(StatusCode::SWITCHING_PROTOCOLS)
+                            .header(header::CONNECTION, "upgrade")
+                            .header("sec-websocket-accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+                        if let Some(value) = saw_upgrade {
+                            response = response.header(header::UPGRADE, value);
+                        }
+                        if let Some(value) = forwarded_for {
+                            response = response.header("x-upstream-saw-forwarded-for", value);
+                        }
+                        Ok(response.body(Full::new(Bytes::new())).unwrap())
+                    });
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    fn handshake(path: &str, extra: &str) -> String {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: chat.example\r\nConnection: Upgrade\r\n\
+             Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Sec-WebSocket-Version: 13\r\n{extra}\r\n"
+        )
+    }
+
+    /// Reads one answer's head (lower-cased) and its `Content-Length` body, leaving the
+    /// connection open.
+    async fn read_answer(stream: &mut tokio::net::TcpStream) -> (String, String) {
+        use tokio::io::AsyncReadExt;
+        let mut buf = Vec::new();
+        let mut byte = [0u8; 1];
+        while !buf.ends_with(b"\r\n\r\n") {
+            let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte))
+                .await
+                .expect("answer head in time")
+                .unwrap();
+            assert_eq!(
+                read,
+                1,
+                "closed mid-head: {}",
+                String::from_utf8_lossy(&buf)
+            );
+            buf.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+        let length = head
+            .lines()
+            .find_map(|line| line.strip_prefix("content-length:"))
+            .map_or(0, |value| value.trim().parse::<usize>().unwrap());
+        let mut body = vec![0u8; length];
+        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut body))
+            .await
+            .expect("answer body in time")
+            .unwrap();
+        (head, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// Sends a WebSocket handshake for `path` on `stream` and reads the answer.
+    async fn send_handshake(
+        stream: &mut tokio::net::TcpStream,
+        path: &str,
+        extra: &str,
+    ) -> (String, String) {
+        use tokio::io::AsyncWriteExt;
+        stream
+            .write_all(handshake(path, extra).as_bytes())
+            .await
+            .unwrap();
+        read_answer(stream).await
+    }
+
+    #[tokio::test]
+    async fn a_websocket_upgrade_is_spliced_to_a_static_http1_upstream() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let upstream = websocket_upstream().await;
+        let (gateway, _stop) = static_gateway(vec![upstream], UpstreamProtocol::Http1).await;
+        let mut stream = tokio::net::TcpStream::connect(gateway).await.unwrap();
+        let (head, _) =
+            send_handshake(&mut stream, "/static/ws", "X-Forwarded-For: 10.1.2.3\r\n").await;
+        assert!(head.starts_with("http/1.1 101"), "{head}");
+        assert!(head.contains("\r\nupgrade: websocket"), "{head}");
+        assert!(head.contains("\r\nconnection: upgrade"), "{head}");
+        assert!(head.contains("\r\nsec-websocket-accept: "), "{head}");
+        assert!(head.contains("\r\nvia: 1.1 causeway"), "{head}");
+        // The upgrade went upstream as a proxied request, forwarding headers and all.
+        assert!(
+            head.contains("\r\nx-upstream-saw-forwarded-for: 10.1.2.3, 127.0.0.1"),
+            "{head}"
+        );
+
+        for message in [
+            &b"hello through the tunnel"[..],
+            &[0x81, 0x02, b'h', b'i'][..],
+        ] {
+            stream.write_all(message).await.unwrap();
+            let mut echo = vec![0u8; message.len()];
+            tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut echo))
+                .await
+                .expect("echo in time")
+                .unwrap();
+            assert_eq!(echo, message);
+        }
+        // Closing our side ends the tunnel: the upstream's side closes and so does ours.
+        stream.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest))
+            .await
+            .expect("the tunnel closed")
+            .unwrap();
+        assert!(rest.is_empty(), "{rest:?}");
+    }
+
+    #[tokio::test]
+    async fn an_upgrade_the_upstream_refuses_gets_its_answer() {
+        use tokio::io::AsyncWriteExt;
+        let upstream = websocket_upstream().await;
+        let (gateway, _stop) = static_gateway(vec![upstream], UpstreamProtocol::Http1).await;
+        let mut stream = tokio::net::TcpStream::connect(gateway).await.unwrap();
+        let (head, body) = send_handshake(&mut stream, "/static/refuse", "").await;
+        assert!(head.starts_with("http/1.1 400"), "{head}");
+        assert!(!head.contains("upgrade: websocket"), "{head}");
+        assert_eq!(body, "no upgrade here");
+        // The connection stays plain HTTP/1.1.
+        stream
+            .write_all(b"GET /static/refuse HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, _) = read_answer(&mut stream).await;
+        assert!(head.starts_with("http/1.1 400"), "{head}");
+    }
+
+    #[tokio::test]
+    async fn upgrades_to_discovered_services_get_501_and_upgrades_are_authenticated() {
+        let upstream = websocket_upstream().await;
+        let mut metrics = causeway_core::telemetry::Metrics::new("reverse-proxy", "test");
+        let client = idle_client(&mut metrics);
+        let mut guarded = static_route(vec![upstream], UpstreamProtocol::Http1);
+        guarded.prefix = "/guarded/".into();
+        guarded.strip_prefix = Some("/guarded".into());
+        guarded.auth = true;
+        let h2c = RouteConfig {
+            prefix: "/h2c/".into(),
+            ..static_route(vec![upstream], UpstreamProtocol::H2c)
+        };
+        let config = ReverseProxyConfig {
+            routes: vec![
+                RouteConfig {
+                    prefix: "/chat/".into(),
+                    service: "chat-service".into(),
+                    strip_prefix: None,
+                    auth: false,
+                    upstream: None,
+                },
+                guarded,
+                h2c,
+            ],
+            request_timeout_ms: 2000,
+            ..ReverseProxyConfig::default()
+        };
+        let (gateway, _stop) = start_gateway(config, client, metrics).await;
+        let mut stream = tokio::net::TcpStream::connect(gateway).await.unwrap();
+
+        for (path, service) in [
+            ("/chat/room", "chat-service over HTTP/2"),
+            ("/h2c/room", "over h2c"),
+        ] {
+            let (head, body) = send_handshake(&mut stream, path, "").await;
+            assert!(head.starts_with("http/1.1 501"), "{head}");
+            let error: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(error["error"], "websocket_unsupported", "{error}");
+            let message = error["message"].as_str().unwrap_or_default();
+            let prefix = path.rsplit_once('/').map_or(path, |(prefix, _)| prefix);
+            assert!(message.contains(&format!("route {prefix}/")), "{message}");
+            assert!(message.contains(service), "{message}");
+        }
+
+        // Auth applies before anything is forwarded.
+        let (head, body) = send_handshake(&mut stream, "/guarded/ws", "").await;
+        assert!(head.starts_with("http/1.1 401"), "{head}");
+        assert!(body.contains("missing"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn an_upgrade_answered_with_503_is_not_retried() {
+        use crate::upstream::{BalancePolicy, UpstreamConfig};
+        let (bad, bad_hits) = named_upstream("bad", StatusCode::SERVICE_UNAVAILABLE).await;
+        let good = websocket_upstream().await;
+        let mut policy = UpstreamConfig {
+            balance: BalancePolicy::RoundRobin,
+            ..UpstreamConfig::default()
+        };
+        policy.outlier.enabled = false;
+        let (gateway, _stop) = policy_gateway(vec![bad, good], policy).await;
+        let mut unavailable = 0;
+        for _ in 0..4 {
+            let mut stream = tokio::net::TcpStream::connect(gateway).await.unwrap();
+            let (head, _) = send_handshake(&mut stream, "/static/ws", "").await;
+            if head.starts_with("http/1.1 503") {
+                unavailable += 1;
+            } else {
+                assert!(head.starts_with("http/1.1 101"), "{head}");
+            }
+        }
+        // Every upgrade that reached the 503 upstream came back as 503: none went on.
+        assert!(unavailable >= 1);
+        assert_eq!(unavailable, bad_hits.load(Ordering::SeqCst));
     }
 }
