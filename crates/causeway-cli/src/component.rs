@@ -294,6 +294,13 @@ async fn start_balancer(
 }
 
 fn tls_acceptor(launch: &Launch) -> anyhow::Result<TlsAcceptor> {
+    if launch.role == Role::ReverseProxy {
+        // Several certificates, chosen by SNI (the edge's is the default).
+        let certificates =
+            crate::supervisor::reverse_proxy_certificates(&launch.topology, &launch.data())?;
+        let config = causeway_core::tls::server_config_with_sni(certificates)?;
+        return Ok(TlsAcceptor::from(config));
+    }
     let paths = launch.data().service_cert(launch.role.name());
     let config = causeway_core::tls::server_config(&paths)
         .with_context(|| format!("loading the TLS certificate of {}", launch.role))?;

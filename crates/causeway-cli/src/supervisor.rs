@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use causeway_core::launch::LAUNCH_ENV;
-use causeway_core::tls::LocalCa;
+use causeway_core::tls::{CertPaths, LocalCa, SniCertificates};
 use causeway_core::{ChildReport, DataDir, Launch, Role, Topology};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -59,6 +59,12 @@ pub async fn up(mut topology: Topology) -> anyhow::Result<()> {
     for file in &mut topology.reverse_proxy.ingress {
         *file = std::path::absolute(&*file)
             .with_context(|| format!("ingress file {}", file.display()))?;
+    }
+    for certificate in &mut topology.reverse_proxy.certificates {
+        for file in [&mut certificate.cert, &mut certificate.key] {
+            *file = std::path::absolute(&*file)
+                .with_context(|| format!("certificate file {}", file.display()))?;
+        }
     }
     causeway_proxy::routing::RouteTable::load(
         &topology.reverse_proxy.routes,
@@ -205,7 +211,9 @@ fn check_fixed_ports(topology: &Topology) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The CA (kept), a fresh certificate per service, and the token key (kept).
+/// The CA (kept), a fresh certificate per service and per Ingress TLS Secret, and the token key
+/// (kept). Every certificate the reverse proxies will serve is loaded once here, so that an
+/// unusable one stops `up` with its file named.
 fn prepare_credentials(topology: &Topology, data: &DataDir) -> anyhow::Result<()> {
     let ca = LocalCa::load_or_create(&data.tls_dir())?;
     let zone = &topology.discovery.zone;
@@ -222,8 +230,68 @@ fn prepare_credentials(topology: &Topology, data: &DataDir) -> anyhow::Result<()
         }
         ca.issue(service, &names)?;
     }
+    // As cert-manager fills a Kubernetes Secret: one certificate per `spec.tls[].secretName`,
+    // for the hosts its entries name.
+    for (secret, hosts) in ingress_tls_secrets(topology)? {
+        let stem = causeway_core::tls::secret_file_stem(&secret)?;
+        ca.issue(&stem, &hosts)
+            .with_context(|| format!("issuing the certificate of TLS Secret {secret}"))?;
+    }
+    if topology.instances(Role::ReverseProxy) > 0 {
+        reverse_proxy_certificates(topology, data)?;
+    }
     causeway_proxy::auth::load_or_create_key(&data.jwt_key())?;
     Ok(())
+}
+
+/// The Secrets of the Ingress files' `spec.tls[]` entries with their hosts (entries without
+/// hosts mean the default certificate: the edge's).
+fn ingress_tls_secrets(topology: &Topology) -> anyhow::Result<Vec<(String, Vec<String>)>> {
+    let files = &topology.reverse_proxy.ingress;
+    if files.is_empty() {
+        return Ok(Vec::new());
+    }
+    let routes = causeway_proxy::ingress::IngressRoutes::from_files(files)?;
+    let entries = routes.tls().iter().filter_map(|entry| {
+        let secret = entry.secret_name.as_deref()?;
+        Some((secret, entry.hosts.as_slice()))
+    });
+    Ok(causeway_core::tls::hosts_by_secret(entries))
+}
+
+/// What the reverse proxy serves, chosen by SNI: `reverse_proxy.certificates` first, then the
+/// Ingress Secrets' certificates, and the edge certificate for any other name or no SNI.
+pub fn reverse_proxy_certificates(
+    topology: &Topology,
+    data: &DataDir,
+) -> anyhow::Result<SniCertificates> {
+    let mut named: Vec<(Vec<String>, CertPaths)> = topology
+        .reverse_proxy
+        .certificates
+        .iter()
+        .map(|certificate| {
+            let paths = CertPaths {
+                cert: certificate.cert.clone(),
+                key: certificate.key.clone(),
+            };
+            (certificate.hosts.clone(), paths)
+        })
+        .collect();
+    for (secret, hosts) in ingress_tls_secrets(topology)? {
+        let paths = causeway_core::tls::secret_cert(&data.tls_dir(), &secret)?;
+        if !paths.cert.exists() && !paths.key.exists() {
+            // Named after `up` issued the Secrets (the file changed since): like an ingress
+            // controller whose Secret is not there yet, serve the default certificate.
+            tracing::warn!(
+                secret = %secret,
+                "TLS Secret has no certificate yet (issued at `causeway up`); its hosts get the default certificate"
+            );
+            continue;
+        }
+        named.push((hosts, paths));
+    }
+    let default = data.service_cert(Role::ReverseProxy.name());
+    SniCertificates::new(&default, &named).context("loading the reverse proxy's TLS certificates")
 }
 
 impl Supervisor {

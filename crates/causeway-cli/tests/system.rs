@@ -1116,3 +1116,86 @@ async fn ingress_routes_reload_under_load_without_failed_requests() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The reverse proxies pick their certificate by SNI: an Ingress `spec.tls[]` entry's Secret gets
+/// a certificate from the local CA at `up` (as cert-manager would fill it), served for its hosts
+/// through the load balancer's TLS pass-through; any other name gets the edge certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_edge_serves_ingress_tls_certificates_by_sni() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+
+    let dir = fresh_dir("ingress-tls");
+    std::fs::create_dir_all(&dir).unwrap();
+    let ingress_file = dir.join("shop.yaml");
+    std::fs::write(
+        &ingress_file,
+        "apiVersion: networking.k8s.io/v1\n\
+         kind: Ingress\n\
+         metadata:\n  name: shop\n  namespace: causeway\n  annotations:\n    causeway.dev/strip-prefix: /shop\n\
+         spec:\n  tls:\n  - hosts: [shop.causeway.test]\n    secretName: shop-tls\n  rules:\n  - host: shop.causeway.test\n    http:\n      paths:\n      - {path: /shop/users, pathType: Prefix, backend: {service: {name: user-service, port: {name: https}}}}\n",
+    )
+    .unwrap();
+    let mut topology = test_topology();
+    topology.reverse_proxy.ingress = vec![ingress_file];
+    let system = System::start(topology);
+    let ca = system.data().ca_cert();
+    let tls_dir = system.data().tls_dir();
+
+    // The certificate presented for `sni`, verified against the CA for that name.
+    let presented = async |sni: &str| -> CertificateDer<'static> {
+        let config = causeway_core::tls::client_config_with_alpn(&ca, &[b"http/1.1"]).unwrap();
+        let tcp = tokio::net::TcpStream::connect(system.edge()).await.unwrap();
+        let name = ServerName::try_from(sni.to_string()).unwrap();
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+            .unwrap_or_else(|err| panic!("TLS as {sni}: {err}"));
+        tls.get_ref().1.peer_certificates().unwrap()[0].clone()
+    };
+    let shop = CertificateDer::from_pem_file(tls_dir.join("secret-shop-tls.pem")).unwrap();
+    let edge = CertificateDer::from_pem_file(tls_dir.join("reverse-proxy.pem")).unwrap();
+    assert!(shop != edge);
+    for _ in 0..2 {
+        // Both reverse proxy instances, whichever the balancer picks.
+        assert!(presented("shop.causeway.test").await == shop);
+        assert!(presented("localhost").await == edge);
+    }
+
+    // The route for that host answers over the connection made with its certificate.
+    let token = system.token("123", 300);
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::AUTHORIZATION,
+        HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+    );
+    let response = causeway_cli::edge::request(
+        system.edge(),
+        "shop.causeway.test",
+        &ca,
+        Method::GET,
+        "/shop/users/123/orders",
+        headers,
+        Bytes::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status, StatusCode::OK, "{:?}", response.body);
+    drop(system);
+
+    // A certificate of one's own that cannot be loaded stops `up`, naming the file.
+    let mut topology = test_topology();
+    topology.reverse_proxy.certificates = vec![causeway_core::topology::CertificateConfig {
+        hosts: vec!["mine.causeway.test".into()],
+        cert: dir.join("missing.pem"),
+        key: dir.join("missing-key.pem"),
+    }];
+    let config = write_topology(&topology);
+    let output = causeway(&["--config", config.to_str().unwrap(), "up"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("missing.pem"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

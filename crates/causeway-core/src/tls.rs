@@ -3,7 +3,13 @@
 //! `causeway up` creates a CA once in `<data_dir>/tls` (kept across runs, so a client that trusts
 //! `ca.pem` keeps trusting it) and issues a fresh leaf certificate per service at every start. Every
 //! listener serves TLS with ALPN `h2` and `http/1.1`; every client verifies against `ca.pem`.
+//!
+//! The reverse proxy serves several certificates, chosen by SNI ([`SniCertificates`]): those of
+//! the Ingress files' `spec.tls[]` Secrets (issued by `causeway up` from the CA into
+//! `tls/secret-<name>.pem`, as cert-manager would fill a Kubernetes Secret), those named in
+//! `reverse_proxy.certificates`, and the edge certificate as the default.
 
+use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -14,6 +20,8 @@ use rcgen::{
     Issuer, KeyPair, KeyUsagePurpose,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 
 const CA_COMMON_NAME: &str = "Causeway Local CA";
 const CA_CERT_FILE: &str = "ca.pem";
@@ -33,6 +41,14 @@ pub enum TlsError {
     BadPem { path: PathBuf, what: &'static str },
     #[error("invalid TLS configuration: {0}")]
     Config(#[from] rustls::Error),
+    #[error("certificate {cert} with key {key} is not usable: {source}")]
+    Unusable {
+        cert: PathBuf,
+        key: PathBuf,
+        source: rustls::Error,
+    },
+    #[error("{0:?} is not a usable TLS Secret name (lowercase letters, digits, '-' and '.')")]
+    SecretName(String),
 }
 
 fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> TlsError + 'a {
@@ -182,6 +198,142 @@ pub fn server_config(paths: &CertPaths) -> Result<Arc<rustls::ServerConfig>, Tls
     Ok(Arc::new(config))
 }
 
+/// Where the certificate of the TLS Secret `secret` (an Ingress `spec.tls[].secretName`) lives
+/// in the CA's directory `tls_dir`: `secret-<name>.pem` and `secret-<name>-key.pem`.
+pub fn secret_cert(tls_dir: &Path, secret: &str) -> Result<CertPaths, TlsError> {
+    let stem = secret_file_stem(secret)?;
+    Ok(CertPaths {
+        cert: tls_dir.join(format!("{stem}.pem")),
+        key: tls_dir.join(format!("{stem}-key.pem")),
+    })
+}
+
+/// The file stem [`LocalCa::issue`] writes a Secret's certificate under (the prefix keeps it
+/// apart from the CA's and the services' files).
+pub fn secret_file_stem(secret: &str) -> Result<String, TlsError> {
+    let valid = !secret.is_empty()
+        && secret.len() <= 253
+        && !secret.starts_with('.')
+        && secret
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+    if !valid {
+        return Err(TlsError::SecretName(secret.to_string()));
+    }
+    Ok(format!("secret-{secret}"))
+}
+
+/// The hosts of each Secret among `(secretName, hosts)` TLS entries, merged across entries in
+/// first-appearance order; entries without hosts (they mean the default certificate) are left
+/// out.
+pub fn hosts_by_secret<'a>(
+    entries: impl IntoIterator<Item = (&'a str, &'a [String])>,
+) -> Vec<(String, Vec<String>)> {
+    let mut merged: Vec<(String, Vec<String>)> = Vec::new();
+    for (secret, hosts) in entries {
+        if hosts.is_empty() {
+            continue;
+        }
+        let at = match merged.iter().position(|(name, _)| name == secret) {
+            Some(at) => at,
+            None => {
+                merged.push((secret.to_string(), Vec::new()));
+                merged.len() - 1
+            }
+        };
+        for host in hosts {
+            if !merged[at].1.contains(host) {
+                merged[at].1.push(host.clone());
+            }
+        }
+    }
+    merged
+}
+
+fn load_certified_key(paths: &CertPaths) -> Result<Arc<CertifiedKey>, TlsError> {
+    let certs = load_certs(&paths.cert)?;
+    let key = load_key(&paths.key)?;
+    CertifiedKey::from_der(certs, key, &provider())
+        .map(Arc::new)
+        .map_err(|source| TlsError::Unusable {
+            cert: paths.cert.clone(),
+            key: paths.key.clone(),
+            source,
+        })
+}
+
+/// Lower case, without a trailing dot.
+fn normalize_name(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// Certificates chosen by the name the client asks for (SNI): an exact host, else a wildcard
+/// (`*.example.com` covers one label: `a.example.com`, not `example.com` nor `a.b.example.com`),
+/// else the default certificate, which also serves clients that send no SNI (IP addresses).
+/// When several certificates name the same host, the first given wins.
+#[derive(Debug)]
+pub struct SniCertificates {
+    default: Arc<CertifiedKey>,
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    /// Keyed by the suffix after `*.`.
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+}
+
+impl SniCertificates {
+    /// Loads every certificate and key; an unusable one is an error naming its file.
+    pub fn new(default: &CertPaths, named: &[(Vec<String>, CertPaths)]) -> Result<Self, TlsError> {
+        let mut certificates = Self {
+            default: load_certified_key(default)?,
+            exact: HashMap::new(),
+            wildcard: HashMap::new(),
+        };
+        for (hosts, paths) in named {
+            let key = load_certified_key(paths)?;
+            for host in hosts {
+                let host = normalize_name(host);
+                let (table, name) = match host.strip_prefix("*.") {
+                    Some(suffix) => (&mut certificates.wildcard, suffix.to_string()),
+                    None => (&mut certificates.exact, host),
+                };
+                table.entry(name).or_insert_with(|| key.clone());
+            }
+        }
+        Ok(certificates)
+    }
+
+    /// The certificate for `server_name` (the SNI; `None` when the client sent none).
+    pub fn select(&self, server_name: Option<&str>) -> &Arc<CertifiedKey> {
+        let Some(name) = server_name.map(normalize_name) else {
+            return &self.default;
+        };
+        if let Some(key) = self.exact.get(&name) {
+            return key;
+        }
+        name.split_once('.')
+            .filter(|(first, _)| !first.is_empty())
+            .and_then(|(_, rest)| self.wildcard.get(rest))
+            .unwrap_or(&self.default)
+    }
+}
+
+impl ResolvesServerCert for SniCertificates {
+    fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.select(client_hello.server_name()).clone())
+    }
+}
+
+/// A server configuration like [`server_config`] whose certificate is chosen by SNI.
+pub fn server_config_with_sni(
+    certificates: SniCertificates,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(certificates));
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// A client configuration that trusts only the CA at `ca_path` and speaks HTTP/2.
 pub fn client_config(ca_path: &Path) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     client_config_with_alpn(ca_path, &[b"h2"])
@@ -258,5 +410,181 @@ mod tests {
         let err = LocalCa::load_or_create(&dir).err().unwrap();
         assert!(err.to_string().contains("ca-key.pem"), "{err}");
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Accepts any server certificate: the test looks at which one was presented.
+    #[derive(Debug)]
+    struct AcceptAny;
+
+    impl rustls::client::danger::ServerCertVerifier for AcceptAny {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &rustls::pki_types::ServerName<'_>,
+            _: &[u8],
+            _: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+
+    /// Handshakes with `server` over an in-memory pipe, sending `sni` (none when `None`); returns
+    /// the certificate the server presented and the ALPN protocol agreed.
+    async fn presented(
+        server: Arc<rustls::ServerConfig>,
+        sni: Option<&str>,
+    ) -> (CertificateDer<'static>, Option<Vec<u8>>) {
+        let (client_end, server_end) = tokio::io::duplex(64 * 1024);
+        let acceptor = tokio_rustls::TlsAcceptor::from(server);
+        let accepted = tokio::spawn(async move { acceptor.accept(server_end).await.is_ok() });
+        let mut config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAny))
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        config.enable_sni = sni.is_some();
+        let name = rustls::pki_types::ServerName::try_from(sni.unwrap_or("no-sni.invalid"))
+            .unwrap()
+            .to_owned();
+        let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, client_end)
+            .await
+            .expect("handshake");
+        assert!(accepted.await.unwrap());
+        let connection = stream.get_ref().1;
+        (
+            connection.peer_certificates().unwrap()[0].clone(),
+            connection.alpn_protocol().map(<[u8]>::to_vec),
+        )
+    }
+
+    #[tokio::test]
+    async fn sni_picks_the_exact_then_the_wildcard_then_the_default_certificate() {
+        let dir = temp_dir("sni");
+        let ca = LocalCa::load_or_create(&dir).unwrap();
+        let default = ca.issue("edge", &["localhost".to_string()]).unwrap();
+        let api = ca.issue("api", &["api.example.com".to_string()]).unwrap();
+        let apps = ca
+            .issue("apps", &["*.apps.example.com".to_string()])
+            .unwrap();
+        let certificates = SniCertificates::new(
+            &default,
+            &[
+                (vec!["API.example.com".to_string()], api.clone()),
+                (vec!["*.apps.example.com".to_string()], apps.clone()),
+            ],
+        )
+        .unwrap();
+        let config = server_config_with_sni(certificates).unwrap();
+        let der = |paths: &CertPaths| load_certs(&paths.cert).unwrap().remove(0);
+
+        for (sni, expected) in [
+            (Some("api.example.com"), &api),
+            (Some("x.apps.example.com"), &apps),
+            (Some("apps.example.com"), &default),
+            (Some("a.b.apps.example.com"), &default),
+            (Some("other.example.com"), &default),
+            (Some("localhost"), &default),
+            (None, &default),
+        ] {
+            let (certificate, alpn) = presented(config.clone(), sni).await;
+            assert!(
+                certificate == der(expected),
+                "SNI {sni:?} gets {expected:?}"
+            );
+            assert_eq!(alpn.as_deref(), Some(&b"h2"[..]), "ALPN kept");
+        }
+
+        // And a client that verifies against the CA accepts the one picked for its name.
+        let (client_end, server_end) = tokio::io::duplex(64 * 1024);
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        tokio::spawn(async move { acceptor.accept(server_end).await.map(|_| ()) });
+        let client = client_config(&ca.ca_cert_path()).unwrap();
+        let name = rustls::pki_types::ServerName::try_from("x.apps.example.com").unwrap();
+        tokio_rustls::TlsConnector::from(client)
+            .connect(name, client_end)
+            .await
+            .expect("the wildcard certificate verifies for x.apps.example.com");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn unusable_certificates_name_their_file() {
+        let dir = temp_dir("sni-bad");
+        let ca = LocalCa::load_or_create(&dir).unwrap();
+        let default = ca.issue("edge", &["localhost".to_string()]).unwrap();
+        let other = ca.issue("other", &["a.example.com".to_string()]).unwrap();
+        let missing = CertPaths {
+            cert: dir.join("missing.pem"),
+            key: other.key.clone(),
+        };
+        let err =
+            SniCertificates::new(&default, &[(vec!["a.example.com".into()], missing)]).unwrap_err();
+        assert!(err.to_string().contains("missing.pem"), "{err}");
+        // A key that is not the certificate's.
+        let mismatched = CertPaths {
+            cert: other.cert.clone(),
+            key: default.key.clone(),
+        };
+        let err = SniCertificates::new(&default, &[(vec!["a.example.com".into()], mismatched)])
+            .unwrap_err();
+        assert!(err.to_string().contains("other.pem"), "{err}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn secret_names_map_to_files_and_hosts_merge() {
+        let tls = Path::new("/data/tls");
+        let paths = secret_cert(tls, "shop-tls").unwrap();
+        assert_eq!(paths.cert, tls.join("secret-shop-tls.pem"));
+        assert_eq!(paths.key, tls.join("secret-shop-tls-key.pem"));
+        assert!(secret_cert(tls, "../ca").is_err());
+        assert!(secret_cert(tls, "").is_err());
+        let a = vec!["a.example.com".to_string()];
+        let b = vec!["b.example.com".to_string(), "a.example.com".to_string()];
+        let none: Vec<String> = Vec::new();
+        let merged = hosts_by_secret([
+            ("one", a.as_slice()),
+            ("default", none.as_slice()),
+            ("two", b.as_slice()),
+            ("one", b.as_slice()),
+        ]);
+        assert_eq!(
+            merged,
+            vec![
+                (
+                    "one".to_string(),
+                    vec!["a.example.com".to_string(), "b.example.com".to_string()]
+                ),
+                ("two".to_string(), b.clone()),
+            ]
+        );
     }
 }

@@ -225,6 +225,20 @@ pub struct ReverseProxyConfig {
     /// SIGHUP) without dropping requests; a file that does not parse leaves the routes in use.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub ingress: Vec<PathBuf>,
+    /// Certificates of your own (PEM files) served to clients asking for their hosts by SNI,
+    /// before those of the Ingress files' `spec.tls[]`; other names get the edge certificate.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<CertificateConfig>,
+}
+
+/// One `reverse_proxy.certificates` entry: `{ hosts = ["shop.example.com", "*.example.com"],
+/// cert = "shop.pem", key = "shop-key.pem" }` (a chain may follow the leaf in `cert`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateConfig {
+    pub hosts: Vec<String>,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl Default for ReverseProxyConfig {
@@ -240,6 +254,7 @@ impl Default for ReverseProxyConfig {
             jwt: JwtConfig::default(),
             rate_limit: RateLimitConfig::default(),
             ingress: Vec::new(),
+            certificates: Vec::new(),
             routes: vec![
                 RouteConfig {
                     prefix: "/api/users/".into(),
@@ -318,6 +333,14 @@ impl ReverseProxyConfig {
         self.listener_limits()
             .validate()
             .map_err(|err| format!("reverse_proxy.{err}"))?;
+        for (index, certificate) in self.certificates.iter().enumerate() {
+            if certificate.hosts.is_empty() || certificate.hosts.iter().any(|h| h.is_empty()) {
+                return Err(format!(
+                    "reverse_proxy.certificates[{index}] ({}): hosts must name at least one host, none empty",
+                    certificate.cert.display()
+                ));
+            }
+        }
         for route in &self.routes {
             if let Some(upstream) = &route.upstream {
                 upstream
@@ -759,6 +782,45 @@ mod tests {
         let too_small =
             Topology::parse("[reverse_proxy]\nlimits = { max_header_bytes = 100 }\n").unwrap();
         assert!(too_small.validate().is_err());
+    }
+
+    #[test]
+    fn reverse_proxy_certificates_parse_validate_and_round_trip() {
+        let topology = Topology::parse(
+            "[[reverse_proxy.certificates]]\nhosts = [\"shop.example.com\", \"*.apps.example.com\"]\n\
+             cert = \"certs/shop.pem\"\nkey = \"certs/shop-key.pem\"\n",
+        )
+        .unwrap();
+        topology.validate().unwrap();
+        let certificate = &topology.reverse_proxy.certificates[0];
+        assert_eq!(
+            certificate.hosts,
+            ["shop.example.com", "*.apps.example.com"]
+        );
+        assert_eq!(certificate.key, PathBuf::from("certs/shop-key.pem"));
+        let again = Topology::parse(&topology.to_toml().unwrap()).unwrap();
+        assert_eq!(
+            again.reverse_proxy.certificates,
+            topology.reverse_proxy.certificates
+        );
+        assert!(
+            !Topology::default()
+                .to_toml()
+                .unwrap()
+                .contains("certificates")
+        );
+
+        let err = Topology::parse(
+            "[[reverse_proxy.certificates]]\nhosts = [\"a\"]\ncert = \"a.pem\"\nkey = \"k.pem\"\nchain = \"c.pem\"\n",
+        )
+        .unwrap_err();
+        assert!(err.contains("chain"), "{err}");
+        let no_hosts = Topology::parse(
+            "[[reverse_proxy.certificates]]\nhosts = []\ncert = \"a.pem\"\nkey = \"k.pem\"\n",
+        )
+        .unwrap();
+        let err = no_hosts.validate().unwrap_err().to_string();
+        assert!(err.contains("reverse_proxy.certificates[0]"), "{err}");
     }
 
     #[test]
