@@ -3,8 +3,9 @@
 //!
 //! One upstream (a minimal hyper HTTP/1.1 server on its own thread and runtime) answers a fixed
 //! body. nginx (`worker_processes N`, a keep-alive `upstream` block) and Causeway's gateway (a
-//! child process of this command, `N` runtime worker threads, one static-upstream route through
-//! the same `Gateway::handle` and `serve::serve` as `causeway up`'s reverse proxy) both listen on
+//! child process of this command, `N` single-threaded runtimes with a `SO_REUSEPORT` listener
+//! each, one static-upstream route through the same `Gateway::handle`, `serve::serve` and
+//! `serve::serve_per_core` as `causeway up`'s reverse proxy) both listen on
 //! plain HTTP. wrk measures the upstream directly and each proxy: throughput at `connections`
 //! concurrent connections, then latency at one. CPU per request comes from `/proc/<pid>/stat` of
 //! the proxy's processes over the measured run.
@@ -31,7 +32,7 @@ use crate::loadgen::cpu_time;
 /// What `causeway bench proxy` runs.
 #[derive(Clone, Debug)]
 pub struct ProxyBenchOptions {
-    /// nginx worker processes and Causeway runtime worker threads alike.
+    /// nginx worker processes and Causeway worker threads (one runtime each) alike.
     pub workers: usize,
     /// Concurrent connections of the throughput round.
     pub connections: usize,
@@ -477,8 +478,11 @@ impl Drop for CausewayProxy {
 }
 
 /// The child's side: the reverse proxy's `Gateway` with one public static-upstream route,
-/// served on plain HTTP by `serve::serve` (as `causeway up` serves it, less TLS), on a runtime
-/// with `workers` threads. Prints `listening <addr>` once bound; runs until SIGTERM.
+/// served on plain HTTP by `serve::serve` (as `causeway up` serves it, less TLS) on `workers`
+/// single-threaded runtimes with one `SO_REUSEPORT` listener each (`serve::serve_per_core`, as
+/// `causeway up` runs the reverse proxy). `CAUSEWAY_BENCH_RUNTIME=multi-thread` serves one
+/// listener from a multi-threaded runtime with `workers` threads instead (the model before).
+/// Prints `listening <addr>` once bound; runs until SIGTERM.
 pub fn serve_proxy(
     upstream: SocketAddr,
     workers: usize,
@@ -486,21 +490,23 @@ pub fn serve_proxy(
     access_log: bool,
 ) -> anyhow::Result<()> {
     // Without access logs the parent sets CAUSEWAY_LOG=warn: the access line is at info.
-    if access_log {
-        causeway_core::telemetry::init_logging_to_file(&data_dir.join("causeway-access.log"))?;
+    let _logs = if access_log {
+        Some(causeway_core::telemetry::init_logging_to_file(
+            &data_dir.join("causeway-access.log"),
+        )?)
     } else {
         causeway_core::telemetry::init_logging();
-    }
-    // `causeway up` runs the reverse proxy on a multi-threaded runtime; the single-threaded one
-    // (one worker only) is there to measure what the scheduler costs.
-    let single = workers <= 1
-        && std::env::var("CAUSEWAY_BENCH_RUNTIME").is_ok_and(|flavor| flavor == "current-thread");
-    let mut builder = if single {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
+        None
+    };
+    let multi_thread =
+        std::env::var("CAUSEWAY_BENCH_RUNTIME").is_ok_and(|flavor| flavor == "multi-thread");
+    // The main runtime only waits for the signal (and, in the multi-thread model, serves).
+    let mut builder = if multi_thread {
         let mut builder = tokio::runtime::Builder::new_multi_thread();
         builder.worker_threads(workers.max(1));
         builder
+    } else {
+        tokio::runtime::Builder::new_current_thread()
     };
     let runtime = builder
         .enable_all()
@@ -508,26 +514,50 @@ pub fn serve_proxy(
         .context("starting the proxy's runtime")?;
     runtime.block_on(async move {
         let gateway = Arc::new(bench_gateway(upstream, data_dir)?);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        println!("listening {}", listener.local_addr()?);
         let (trigger, shutdown) = causeway_core::serve::shutdown_channel();
-        let make_service = move |peer: SocketAddr| {
+        let make_service = move |gateway: &Arc<causeway_proxy::Gateway>, peer: SocketAddr| {
             let gateway = gateway.clone();
             hyper::service::service_fn(move |request| {
                 let gateway = gateway.clone();
                 async move { Ok::<_, Infallible>(gateway.handle(request, peer).await) }
             })
         };
-        let server = tokio::spawn(causeway_core::serve::serve(
-            listener,
-            None,
-            make_service,
-            shutdown,
-            Duration::from_millis(200),
-        ));
-        causeway_core::serve::termination_signal().await;
-        trigger.fire();
-        let _ = server.await;
+        let drain = Duration::from_millis(200);
+        let addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        if multi_thread {
+            let listener = tokio::net::TcpListener::bind(addr).await?;
+            println!("listening {}", listener.local_addr()?);
+            let server = tokio::spawn(causeway_core::serve::serve(
+                listener,
+                None,
+                move |peer| make_service(&gateway, peer),
+                shutdown,
+                drain,
+            ));
+            causeway_core::serve::termination_signal().await;
+            trigger.fire();
+            let _ = server.await;
+        } else {
+            let listeners = causeway_core::serve::bind_per_core("the bench proxy", addr, workers)?;
+            println!("listening {}", listeners[0].local_addr()?);
+            let workers = causeway_core::serve::serve_per_core(
+                "proxy-worker",
+                listeners,
+                move |_worker, listener| {
+                    let gateway = gateway.clone();
+                    causeway_core::serve::serve(
+                        listener,
+                        None,
+                        move |peer| make_service(&gateway, peer),
+                        shutdown.clone(),
+                        drain,
+                    )
+                },
+            )?;
+            causeway_core::serve::termination_signal().await;
+            trigger.fire();
+            workers.finished().await;
+        }
         anyhow::Ok(())
     })
 }

@@ -314,8 +314,19 @@ async fn start_reverse_proxy(
     shutdown: Shutdown,
 ) -> anyhow::Result<Vec<JoinHandle<()>>> {
     let config = &launch.topology.reverse_proxy;
-    let (listener, admin) = bind_listeners(launch, config.listen, config.admin_listen).await?;
-    let listen = listener.local_addr()?;
+    // One listener per worker thread (SO_REUSEPORT), then the admin listener.
+    let what = launch.instance();
+    let listeners = serve::bind_per_core(
+        &what,
+        instance_addr(config.listen, launch.index),
+        config.worker_count(),
+    )?;
+    let admin = bind(
+        &format!("{what} (admin)"),
+        instance_addr(config.admin_listen, launch.index),
+    )
+    .await?;
+    let listen = listeners[0].local_addr()?;
     let tls = tls_acceptor(launch)?;
     let key = causeway_proxy::auth::load_or_create_key(&launch.data().jwt_key())?;
     let http = metrics.http_server();
@@ -368,19 +379,30 @@ async fn start_reverse_proxy(
         })
     };
     let limits = gateway_limits;
+    // Shared by the workers: max_connections holds for the instance.
     let connections = causeway_proxy::hygiene::ConnectionLimiter::new(limits.max_connections);
-    tasks.push(tokio::spawn(async move {
-        serve::serve_limited(
-            listener,
-            Some(tls),
-            make_service,
-            shutdown,
-            DRAIN,
-            Some(&limits),
-            connections,
-        )
-        .await
-    }));
+    // nginx's model: each worker thread accepts on its own listener and serves its connections
+    // on its own single-threaded runtime; the gateway is shared. The tasks above (admin,
+    // registration, health checks, reloads) stay on this runtime. On SIGTERM every worker stops
+    // accepting and drains like a single listener did.
+    let workers = serve::serve_per_core("reverse-proxy", listeners, move |_worker, listener| {
+        let make_service = make_service.clone();
+        let (tls, limits) = (tls.clone(), limits.clone());
+        let (connections, shutdown) = (connections.clone(), shutdown.clone());
+        async move {
+            serve::serve_limited(
+                listener,
+                Some(tls),
+                make_service,
+                shutdown,
+                DRAIN,
+                Some(&limits),
+                connections,
+            )
+            .await
+        }
+    })?;
+    tasks.push(tokio::spawn(workers.finished()));
     Ok(tasks)
 }
 

@@ -338,3 +338,182 @@ fn admin_response(
         ),
     }
 }
+
+/// Listeners for [`serve_per_core`]: `workers` sockets bound to the same address with
+/// `SO_REUSEPORT`, so that the kernel spreads new connections over them (nginx's
+/// `listen ... reuseport`). Port 0 picks one free port for all of them.
+///
+/// The address is first bound once without `SO_REUSEPORT` and released: another process already
+/// listening there (a stale instance, say) still gives "address in use" instead of silently
+/// sharing the port.
+pub fn bind_per_core(
+    what: &str,
+    addr: SocketAddr,
+    workers: usize,
+) -> Result<Vec<std::net::TcpListener>, std::io::Error> {
+    let named = |err: std::io::Error| {
+        std::io::Error::new(
+            err.kind(),
+            format!("cannot listen on {addr} for {what}: {err}"),
+        )
+    };
+    let addr = {
+        let probe = std::net::TcpListener::bind(addr).map_err(named)?;
+        probe.local_addr()?
+    };
+    (0..workers.max(1))
+        .map(|_| {
+            let socket = match addr {
+                SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+                SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+            }?;
+            socket.set_reuseaddr(true)?;
+            #[cfg(unix)]
+            socket.set_reuseport(true)?;
+            socket.bind(addr)?;
+            let listener = socket.listen(1024)?;
+            listener.into_std()
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(named)
+}
+
+/// The number of workers when none is configured: one per core this process may use.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// Serving threads started by [`serve_per_core`].
+pub struct PerCore {
+    threads: Vec<std::thread::JoinHandle<()>>,
+    done: watch::Receiver<usize>,
+}
+
+impl PerCore {
+    /// Resolves once every worker has stopped serving (after shutdown and its drain) and its
+    /// runtime has been dropped. Callable from any runtime.
+    pub async fn finished(mut self) {
+        let workers = self.threads.len();
+        let _ = self.done.wait_for(|stopped| *stopped >= workers).await;
+        // The threads have left their runtimes by now; joining only reaps them.
+        for thread in self.threads.drain(..) {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+
+    /// Blocks the calling thread until every worker has stopped (for callers without a runtime).
+    pub fn join(self) {
+        for thread in self.threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// nginx's model: one thread per listener, each with its own single-threaded tokio runtime, each
+/// running `serve_one(worker_index, listener)` (typically [`serve`] or [`serve_limited`] with a
+/// clone of the same shutdown and the same shared service state). A connection stays on the
+/// thread that accepted it, with no work stealing and no cross-thread wake-ups for its own I/O.
+///
+/// What a request spawns (upstream connection tasks, say) runs on its worker's runtime. Every
+/// runtime is kept running until all workers have finished serving, so that state shared between
+/// workers (a connection pool whose connections belong to another worker's runtime) stays usable
+/// while the others drain.
+pub fn serve_per_core<F, Fut>(
+    name: &str,
+    listeners: Vec<std::net::TcpListener>,
+    serve_one: F,
+) -> Result<PerCore, std::io::Error>
+where
+    F: Fn(usize, TcpListener) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + 'static,
+{
+    let serve_one = Arc::new(serve_one);
+    let workers = listeners.len();
+    let (done_sender, done) = watch::channel(0usize);
+    let done_sender = Arc::new(done_sender);
+    // Everything that can fail before the first thread starts serving.
+    let runtimes = listeners
+        .into_iter()
+        .map(|listener| {
+            listener.set_nonblocking(true)?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            Ok((listener, runtime))
+        })
+        .collect::<Result<Vec<_>, std::io::Error>>()?;
+    let mut threads = Vec::with_capacity(workers);
+    for (index, (listener, runtime)) in runtimes.into_iter().enumerate() {
+        let serve_one = serve_one.clone();
+        let thread_done = done_sender.clone();
+        let mut all_done = done.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("{name}-{index}"))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    match TcpListener::from_std(listener) {
+                        Ok(listener) => serve_one(index, listener).await,
+                        Err(err) => tracing::error!(worker = index, error = %err, "cannot serve"),
+                    }
+                    thread_done.send_modify(|stopped| *stopped += 1);
+                    let _ = all_done.wait_for(|stopped| *stopped >= workers).await;
+                });
+            });
+        match thread {
+            Ok(thread) => threads.push(thread),
+            Err(err) => {
+                // The workers already started serve until shutdown, then need not wait for
+                // the ones that never started.
+                done_sender.send_modify(|stopped| *stopped += workers - index);
+                return Err(err);
+            }
+        }
+    }
+    Ok(PerCore { threads, done })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn per_core_workers_share_one_port_and_drain_on_shutdown() {
+        let listeners = bind_per_core("test", ([127, 0, 0, 1], 0).into(), 2).unwrap();
+        let addr = listeners[0].local_addr().unwrap();
+        assert_eq!(listeners[1].local_addr().unwrap(), addr);
+        // The port is taken for anyone outside the group.
+        assert!(bind_per_core("test", addr, 1).is_err());
+        let (trigger, shutdown) = shutdown_channel();
+        let workers = serve_per_core("test-worker", listeners, move |worker, listener| {
+            let make_service = move |_peer| {
+                hyper::service::service_fn(move |_request| async move {
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(worker.to_string()))))
+                })
+            };
+            serve(
+                listener,
+                None,
+                make_service,
+                shutdown.clone(),
+                Duration::from_millis(200),
+            )
+        })
+        .unwrap();
+        for _ in 0..8 {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            stream
+                .write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).await.unwrap();
+            assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        }
+        trigger.fire();
+        tokio::time::timeout(Duration::from_secs(5), workers.finished())
+            .await
+            .expect("workers stop after shutdown");
+        assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    }
+}

@@ -205,6 +205,11 @@ impl Default for LoadBalancerConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct ReverseProxyConfig {
     pub instances: usize,
+    /// Serving threads per instance, each with its own single-threaded runtime and its own
+    /// `SO_REUSEPORT` listener on the instance's address (nginx's `worker_processes`); default:
+    /// one per core the process may use.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workers: Option<usize>,
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     /// Names (and IP addresses) on the edge certificate.
@@ -245,6 +250,7 @@ impl Default for ReverseProxyConfig {
     fn default() -> Self {
         Self {
             instances: 2,
+            workers: None,
             listen: ([127, 0, 0, 1], 0).into(),
             admin_listen: ([127, 0, 0, 1], 0).into(),
             server_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
@@ -307,7 +313,19 @@ impl ReverseProxyConfig {
         }
     }
 
+    /// Serving threads per instance: `workers`, or one per core.
+    pub fn worker_count(&self) -> usize {
+        self.workers
+            .unwrap_or_else(crate::serve::default_workers)
+            .max(1)
+    }
+
     fn validate(&self) -> Result<(), String> {
+        if self.workers == Some(0) {
+            return Err(
+                "reverse_proxy.workers must be at least 1 (or left out: one per core)".into(),
+            );
+        }
         let defaults = Limits::default();
         // Either place may name them, but not with two different values.
         for (key, own, in_limits, default) in [
