@@ -194,13 +194,8 @@ async fn send_email(
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_email", err.body_text()).for_request(&trace)
     })?;
     let unavailable = |err: sqlx::Error| {
-        tracing::error!(error = %err, "email transaction failed");
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "database_unavailable",
-            format!("{} cannot record the email: {err}", state.instance),
-        )
-        .for_request(&trace)
+        ApiError::database_unavailable(&state.instance, "record the email", &err)
+            .for_request(&trace)
     };
 
     let db_started = Instant::now();
@@ -378,12 +373,7 @@ async fn show_email(
     .fetch_optional(&state.db.pool)
     .await
     .map_err(|err| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "database_unavailable",
-            err.to_string(),
-        )
-        .for_request(&trace)
+        ApiError::database_unavailable(&state.instance, "read the email", &err).for_request(&trace)
     })?
     .ok_or_else(|| {
         ApiError::new(
@@ -404,13 +394,7 @@ async fn show_email(
             broker_sequence: None,
         })
     })()
-    .map_err(|err| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "bad_row",
-            err.to_string(),
-        )
-    })?;
+    .map_err(|err| ApiError::bad_row(&err).for_request(&trace))?;
     Ok(Json(record).into_response())
 }
 

@@ -35,6 +35,36 @@ impl ApiError {
         self.request_id = Some(trace.request_id.clone());
         self
     }
+
+    /// 503: the database did not answer. `doing` says what failed (`read orders`); logged too.
+    pub fn database_unavailable(instance: &str, doing: &str, err: &dyn std::fmt::Display) -> Self {
+        tracing::error!(error = %err, doing, "database query failed");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "database_unavailable",
+            format!("{instance} cannot {doing}: {err}"),
+        )
+    }
+
+    /// 500: a stored row does not have the shape the service expects.
+    pub fn bad_row(err: &sqlx::Error) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "bad_row",
+            err.to_string(),
+        )
+    }
+}
+
+/// Reads every row with `read`; a row that does not fit is an [`ApiError::bad_row`].
+pub fn read_rows<T>(
+    rows: &[sqlx::any::AnyRow],
+    read: impl Fn(&sqlx::any::AnyRow) -> Result<T, sqlx::Error>,
+) -> Result<Vec<T>, ApiError> {
+    rows.iter()
+        .map(read)
+        .collect::<Result<_, _>>()
+        .map_err(|err| ApiError::bad_row(&err))
 }
 
 impl IntoResponse for ApiError {

@@ -178,12 +178,7 @@ async fn get_item(
             stock
         }
         Err(err) => {
-            tracing::error!(error = %err, "stock query failed");
-            let error = ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "database_unavailable",
-                format!("{} cannot read stock: {err}", state.instance),
-            );
+            let error = ApiError::database_unavailable(&state.instance, "read stock", &err);
             return (headers, error.for_request(&trace)).into_response();
         }
     };

@@ -27,7 +27,7 @@ use sqlx::Row;
 
 use crate::db::{self, Database};
 use crate::email::EmailSent;
-use crate::http::{ApiError, service_api};
+use crate::http::{ApiError, read_rows, service_api};
 use crate::{ServiceDeps, ServiceError};
 
 /// The first wait before subscribing again after the broker went away; it doubles up to the max.
@@ -440,35 +440,21 @@ async fn list_notifications(
     .fetch_all(&state.db.pool)
     .await
     .map_err(|err| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "database_unavailable",
-            format!("{} cannot read notifications: {err}", state.instance),
-        )
-        .for_request(&trace)
-    })?;
-    let notifications = rows
-        .iter()
-        .map(|row| {
-            Ok(Notification {
-                message_id: row.try_get("message_id")?,
-                email_id: row.try_get("email_id")?,
-                user_id: row.try_get("user_id")?,
-                text: row.try_get("text")?,
-                attempt: row.try_get("attempt")?,
-                latency_ms: row.try_get("latency_ms")?,
-                processing_us: row.try_get("processing_us")?,
-            })
-        })
-        .collect::<Result<Vec<_>, sqlx::Error>>()
-        .map_err(|err| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "bad_row",
-                err.to_string(),
-            )
+        ApiError::database_unavailable(&state.instance, "read notifications", &err)
             .for_request(&trace)
-        })?;
+    })?;
+    let notifications = read_rows(&rows, |row| {
+        Ok(Notification {
+            message_id: row.try_get("message_id")?,
+            email_id: row.try_get("email_id")?,
+            user_id: row.try_get("user_id")?,
+            text: row.try_get("text")?,
+            attempt: row.try_get("attempt")?,
+            latency_ms: row.try_get("latency_ms")?,
+            processing_us: row.try_get("processing_us")?,
+        })
+    })
+    .map_err(|err| err.for_request(&trace))?;
     Ok(Json(notifications).into_response())
 }
 
@@ -499,32 +485,17 @@ async fn list_failures(
     .fetch_all(&state.db.pool)
     .await
     .map_err(|err| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "database_unavailable",
-            format!("{} cannot read failures: {err}", state.instance),
-        )
-        .for_request(&trace)
+        ApiError::database_unavailable(&state.instance, "read failures", &err).for_request(&trace)
     })?;
-    let failures = rows
-        .iter()
-        .map(|row| {
-            Ok(FailedDelivery {
-                message_id: row.try_get("message_id")?,
-                attempt: row.try_get("attempt")?,
-                failed_at: row.try_get("failed_at")?,
-                reason: row.try_get("reason")?,
-                outcome: row.try_get("outcome")?,
-            })
+    let failures = read_rows(&rows, |row| {
+        Ok(FailedDelivery {
+            message_id: row.try_get("message_id")?,
+            attempt: row.try_get("attempt")?,
+            failed_at: row.try_get("failed_at")?,
+            reason: row.try_get("reason")?,
+            outcome: row.try_get("outcome")?,
         })
-        .collect::<Result<Vec<_>, sqlx::Error>>()
-        .map_err(|err| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "bad_row",
-                err.to_string(),
-            )
-            .for_request(&trace)
-        })?;
+    })
+    .map_err(|err| err.for_request(&trace))?;
     Ok(Json(failures).into_response())
 }

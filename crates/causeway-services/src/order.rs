@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
 use crate::db::{self, Database};
-use crate::http::{ApiError, service_api};
+use crate::http::{ApiError, read_rows, service_api};
 use crate::{ServiceDeps, ServiceError};
 
 /// One order as the API shows it (the reference's `[{ orderId: 1, item: "Book" }]`).
@@ -92,33 +92,17 @@ async fn list_orders(
     .fetch_all(&state.db.pool)
     .await
     .map_err(|err| {
-        tracing::error!(error = %err, "orders query failed");
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "database_unavailable",
-            format!("{} cannot read orders: {err}", state.instance),
-        )
-        .for_request(&trace)
+        ApiError::database_unavailable(&state.instance, "read orders", &err).for_request(&trace)
     })?;
-    let orders = rows
-        .iter()
-        .map(|row| {
-            Ok(Order {
-                order_id: row.try_get("order_id")?,
-                user_id: row.try_get("user_id")?,
-                item: row.try_get("item")?,
-                quantity: row.try_get("quantity")?,
-            })
+    let orders = read_rows(&rows, |row| {
+        Ok(Order {
+            order_id: row.try_get("order_id")?,
+            user_id: row.try_get("user_id")?,
+            item: row.try_get("item")?,
+            quantity: row.try_get("quantity")?,
         })
-        .collect::<Result<Vec<_>, sqlx::Error>>()
-        .map_err(|err| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "bad_row",
-                err.to_string(),
-            )
-            .for_request(&trace)
-        })?;
+    })
+    .map_err(|err| err.for_request(&trace))?;
     let db_elapsed = db_started.elapsed();
 
     let mut headers = HeaderMap::new();

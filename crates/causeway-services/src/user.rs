@@ -107,13 +107,7 @@ async fn load_user(
         .fetch_optional(&state.db.pool)
         .await
         .map_err(|err| {
-            tracing::error!(error = %err, "users query failed");
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "database_unavailable",
-                format!("{} cannot read users: {err}", state.instance),
-            )
-            .for_request(trace)
+            ApiError::database_unavailable(&state.instance, "read users", &err).for_request(trace)
         })?
         .ok_or_else(|| {
             ApiError::new(
