@@ -34,10 +34,19 @@ pub mod headers {
 pub const DB_FILE: &str = "queues.redb";
 
 fn now_millis() -> u64 {
+    since_epoch().as_millis() as u64
+}
+
+fn since_epoch() -> Duration {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_millis() as u64)
-        .unwrap_or(0)
+        .unwrap_or_default()
+}
+
+/// When a retry delayed by `delay` from now becomes due, in whole milliseconds rounded up: a
+/// message promoted once `now_millis() >= due` then never comes back before its delay.
+fn due_after(delay: Duration) -> u64 {
+    (since_epoch() + delay).as_micros().div_ceil(1000) as u64
 }
 
 /// One queue as [`Broker::list`] reports it.
@@ -632,11 +641,7 @@ impl Broker {
                 let retry = StoredMessage {
                     sequence: state.sequence(),
                     deliveries: next_attempt.saturating_sub(1),
-                    due_at_ms: if delay.is_zero() {
-                        0
-                    } else {
-                        now_millis() + delay.as_millis() as u64
-                    },
+                    due_at_ms: if delay.is_zero() { 0 } else { due_after(delay) },
                     ..message
                 };
                 job.put(queue_name, retry);

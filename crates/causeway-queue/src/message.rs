@@ -34,10 +34,14 @@ pub fn new_message_id() -> String {
 
 /// Milliseconds since the Unix epoch.
 pub fn now_millis() -> u64 {
+    since_epoch().as_millis() as u64
+}
+
+/// Wall-clock time since the Unix epoch, at the clock's own precision.
+pub(crate) fn since_epoch() -> Duration {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_millis() as u64)
-        .unwrap_or(0)
+        .unwrap_or_default()
 }
 
 /// A message on its way to a queue.

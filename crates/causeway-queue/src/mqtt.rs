@@ -90,6 +90,7 @@ use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, S
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use crate::message::since_epoch;
 use crate::wire_headers;
 use crate::{
     BackendKind, BrokerTarget, Confirmation, ConnectOptions, Delivery, DeliveryStream,
@@ -987,9 +988,10 @@ impl DeliveryStream for MqttStream {
         let received = Received::read(&publish);
         if let Some(not_before) = received.not_before {
             // A retry waiting out its backoff: hold it (and, in order, all behind it) back.
-            let wait = not_before.saturating_sub(now_millis());
-            if wait > 0 {
-                tokio::time::sleep(Duration::from_millis(wait)).await;
+            // Measured at sub-millisecond precision so the copy never comes back early.
+            let wait = Duration::from_millis(not_before).saturating_sub(since_epoch());
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
             }
         }
         // The broker resends unacked messages of a resumed session with DUP set: a crashed
@@ -1063,7 +1065,9 @@ impl wire_headers::CopyThenAck for MqttSettle {
         delay: Duration,
         copy: &mut BTreeMap<String, String>,
     ) -> Result<String, QueueError> {
-        let not_before = now_millis().saturating_add(delay.as_millis() as u64);
+        // Rounded up to the next millisecond: truncating could release the copy up to 1 ms
+        // before its backoff has passed.
+        let not_before = (since_epoch() + delay).as_micros().div_ceil(1000) as u64;
         copy.insert(wire_headers::NOT_BEFORE.to_string(), not_before.to_string());
         Ok(self.queue.clone())
     }
