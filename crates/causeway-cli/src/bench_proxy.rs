@@ -590,6 +590,7 @@ fn bench_gateway(upstream: SocketAddr, data_dir: &Path) -> anyhow::Result<causew
             pool_max_idle_per_addr: 256,
             policy: Default::default(),
         }),
+        policy: causeway_core::topology::service_route_policy(),
     }];
     let key = b"bench-only-key-not-for-tokens";
     Ok(causeway_proxy::Gateway::new(

@@ -1199,3 +1199,65 @@ async fn the_edge_serves_ingress_tls_certificates_by_sni() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The edge's routes to services run on the proxy engine: an instance behind a route that is
+/// killed under load costs no request (the edge retries on the other instance: refused
+/// connects, and GETs whose connection died), and once `up` has restarted it, the edge finds
+/// it through discovery and sends it requests again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_instance_behind_an_edge_route_costs_no_request() {
+    let mut topology = test_topology();
+    topology.user_service.instances = 2;
+    let system = System::start(topology);
+    let token = system.token("123", 300);
+    let victim = "user-service-2";
+    let old_pid = system.pid_of(victim).expect("victim pid");
+    let user_instance = |response: &causeway_cli::edge::EdgeResponse| {
+        response.json().expect("JSON body")["servedBy"]["userService"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let served = eventually(Duration::from_secs(10), async || {
+        let response = system.get("/api/users/123/orders", Some(&token)).await;
+        (user_instance(&response) == victim).then_some(())
+    })
+    .await;
+    assert!(served.is_some(), "{victim} serves before it is killed");
+
+    let started = Instant::now();
+    let workers = [
+        edge_load(&system, &token, started, Duration::from_secs(4)),
+        edge_load(&system, &token, started, Duration::from_secs(4)),
+    ];
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    signal(old_pid, Signal::SIGKILL);
+    let mut statuses = Vec::new();
+    for worker in workers {
+        statuses.extend(worker.await.unwrap());
+    }
+    let failed: Vec<_> = statuses.iter().filter(|s| **s != 200).collect();
+    assert!(
+        statuses.len() > 20,
+        "the load ran: {} requests",
+        statuses.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {failed:?}",
+        failed.len(),
+        statuses.len()
+    );
+
+    let back = eventually(Duration::from_secs(30), async || {
+        let restarted = system.pid_of(victim).is_some_and(|pid| pid != old_pid);
+        let response = system.get("/api/users/123/orders", Some(&token)).await;
+        (restarted && user_instance(&response) == victim).then_some(())
+    })
+    .await;
+    assert!(
+        back.is_some(),
+        "the restarted {victim} serves through the edge again: {}",
+        system.status_json()
+    );
+}

@@ -211,6 +211,12 @@ impl ServiceClient {
         &self.discovery
     }
 
+    /// The HTTP/2-over-TLS connections to instances (verified against the local CA), for a
+    /// caller that picks instances itself (the proxy's discovered routes) but should share them.
+    pub fn connections(&self) -> &Connections {
+        &self.connections
+    }
+
     /// Sends `request` (whose URI is only a path and query) to an instance of `service`, with
     /// the configured timeouts.
     pub async fn send(

@@ -43,6 +43,9 @@ pub struct Resolution {
     pub cached: bool,
     pub elapsed: Duration,
     pub server: SocketAddr,
+    /// How long the answer stays fresh (the SRV TTL, or what is left of it for a cached answer;
+    /// zero for a stale one): when a holder of the endpoints should resolve again.
+    pub ttl: Duration,
 }
 
 struct CachedAnswer {
@@ -112,8 +115,8 @@ impl Discovery {
     ) -> Result<Resolution, ResolveError> {
         let name = self.srv_name(service, port_name);
         let started = Instant::now();
-        if let Some(endpoints) = self.cached(&name, false) {
-            return Ok(self.resolution(name, endpoints, true, started));
+        if let Some((endpoints, ttl)) = self.cached(&name, false) {
+            return Ok(self.resolution(name, endpoints, true, started, ttl));
         }
         match self.resolver.srv_lookup(name.as_str()).await {
             Ok(lookup) => {
@@ -130,8 +133,9 @@ impl Discovery {
                     .map(|record| record.ttl)
                     .min()
                     .unwrap_or(1);
-                self.remember(&name, &endpoints, Duration::from_secs(u64::from(ttl)));
-                Ok(self.resolution(name, endpoints, false, started))
+                let ttl = Duration::from_secs(u64::from(ttl));
+                self.remember(&name, &endpoints, ttl);
+                Ok(self.resolution(name, endpoints, false, started, ttl))
             }
             Err(err) if err.is_no_records_found() => {
                 self.forget(&name);
@@ -141,9 +145,9 @@ impl Discovery {
                 })
             }
             Err(err) => {
-                if let Some(endpoints) = self.cached(&name, true) {
+                if let Some((endpoints, ttl)) = self.cached(&name, true) {
                     tracing::warn!(%name, error = %err, "DNS unreachable; using the last answer");
-                    return Ok(self.resolution(name, endpoints, true, started));
+                    return Ok(self.resolution(name, endpoints, true, started, ttl));
                 }
                 Err(ResolveError::Lookup {
                     name,
@@ -185,6 +189,7 @@ impl Discovery {
         endpoints: Vec<Endpoint>,
         cached: bool,
         started: Instant,
+        ttl: Duration,
     ) -> Resolution {
         Resolution {
             name,
@@ -192,18 +197,26 @@ impl Discovery {
             cached,
             elapsed: started.elapsed(),
             server: self.server,
+            ttl,
         }
     }
 
-    fn cached(&self, name: &str, allow_stale: bool) -> Option<Vec<Endpoint>> {
+    /// A remembered answer and how long it stays fresh.
+    fn cached(&self, name: &str, allow_stale: bool) -> Option<(Vec<Endpoint>, Duration)> {
+        let now = Instant::now();
         let cache = self
             .cache
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
         cache
             .get(name)
-            .filter(|answer| allow_stale || answer.expires > Instant::now())
-            .map(|answer| answer.endpoints.clone())
+            .filter(|answer| allow_stale || answer.expires > now)
+            .map(|answer| {
+                (
+                    answer.endpoints.clone(),
+                    answer.expires.saturating_duration_since(now),
+                )
+            })
     }
 
     fn remember(&self, name: &str, endpoints: &[Endpoint], ttl: Duration) {

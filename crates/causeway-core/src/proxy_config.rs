@@ -322,6 +322,9 @@ pub struct RetryPolicy {
     pub retry_statuses: Vec<u16>,
     /// Whether an idempotent request whose attempt ran out of time is retried.
     pub retry_per_try_timeout: bool,
+    /// Whether an idempotent request whose connection failed after it was sent (reset, closed
+    /// by an instance that died) is retried, as nginx's `proxy_next_upstream error` does.
+    pub retry_on_reset: bool,
 }
 
 impl Default for RetryPolicy {
@@ -332,6 +335,7 @@ impl Default for RetryPolicy {
             deadline_ms: 10_000,
             retry_statuses: vec![StatusCode::SERVICE_UNAVAILABLE.as_u16()],
             retry_per_try_timeout: true,
+            retry_on_reset: true,
         }
     }
 }

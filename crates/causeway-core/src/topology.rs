@@ -268,6 +268,7 @@ impl Default for ReverseProxyConfig {
                     strip_prefix: Some("/api".into()),
                     auth: true,
                     upstream: None,
+                    policy: service_route_policy(),
                 },
                 RouteConfig {
                     prefix: "/api/inventory/".into(),
@@ -275,6 +276,7 @@ impl Default for ReverseProxyConfig {
                     strip_prefix: Some("/api".into()),
                     auth: true,
                     upstream: None,
+                    policy: service_route_policy(),
                 },
                 RouteConfig {
                     prefix: "/api/emails".into(),
@@ -282,6 +284,7 @@ impl Default for ReverseProxyConfig {
                     strip_prefix: Some("/api".into()),
                     auth: true,
                     upstream: None,
+                    policy: service_route_policy(),
                 },
                 RouteConfig {
                     prefix: "/api/notifications".into(),
@@ -289,6 +292,7 @@ impl Default for ReverseProxyConfig {
                     strip_prefix: Some("/api".into()),
                     auth: true,
                     upstream: None,
+                    policy: service_route_policy(),
                 },
                 // gRPC through the edge: HTTP/2 end to end, streamed, trailers intact.
                 RouteConfig {
@@ -297,6 +301,7 @@ impl Default for ReverseProxyConfig {
                     strip_prefix: None,
                     auth: true,
                     upstream: None,
+                    policy: service_route_policy(),
                 },
             ],
         }
@@ -360,11 +365,23 @@ impl ReverseProxyConfig {
             }
         }
         for route in &self.routes {
-            if let Some(upstream) = &route.upstream {
-                upstream
+            match &route.upstream {
+                Some(upstream) => {
+                    upstream
+                        .policy
+                        .validate()
+                        .map_err(|err| format!("route {}: upstream.policy: {err}", route.prefix))?;
+                    if !is_service_route_policy(&route.policy) {
+                        return Err(format!(
+                            "route {}: `policy` is for routes to a service; a static upstream's goes in upstream.policy",
+                            route.prefix
+                        ));
+                    }
+                }
+                None => route
                     .policy
                     .validate()
-                    .map_err(|err| format!("route {}: upstream.policy: {err}", route.prefix))?;
+                    .map_err(|err| format!("route {}: policy: {err}", route.prefix))?,
             }
         }
         Ok(())
@@ -425,6 +442,29 @@ pub struct RouteConfig {
     /// `upstream = { addrs = ["127.0.0.1:9000"], protocol = "http1" }`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream: Option<StaticUpstream>,
+    /// Balancing, outlier detection, active health checks (on the instances' admin ports) and
+    /// retries over the service's discovered instances, as a static upstream's `policy`; for
+    /// routes with `upstream`, its own `policy` applies instead. Left out, it is
+    /// [`service_route_policy`]; a policy that is given starts from the static defaults.
+    #[serde(
+        default = "service_route_policy",
+        skip_serializing_if = "is_service_route_policy"
+    )]
+    pub policy: UpstreamConfig,
+}
+
+/// The policy of a route to a discovered service when it names none: the static defaults
+/// (least request, ejection after 5 consecutive 5xx or connect failures, idempotent requests
+/// retried twice within a 20 % budget), but no per-try timeout: the services behind have
+/// deadlines of their own, so an attempt may take the gateway's whole request timeout.
+pub fn service_route_policy() -> UpstreamConfig {
+    let mut policy = UpstreamConfig::default();
+    policy.retry.per_try_timeout_ms = 0;
+    policy
+}
+
+fn is_service_route_policy(policy: &UpstreamConfig) -> bool {
+    *policy == service_route_policy()
 }
 
 /// Upstreams outside discovery, reached over plain HTTP through a pool of kept-alive
@@ -766,6 +806,37 @@ mod tests {
         assert_eq!(topology.broker, BrokerConfig::default());
         assert_eq!(topology.messaging, MessagingConfig::default());
         assert_eq!(topology.client, Topology::default().client);
+    }
+
+    #[test]
+    fn service_routes_take_a_policy_with_working_defaults() {
+        let topology = Topology::parse(
+            "[[reverse_proxy.routes]]\nprefix = \"/a/\"\nservice = \"order-service\"\n\
+             [[reverse_proxy.routes]]\nprefix = \"/b/\"\nservice = \"order-service\"\npolicy = { balance = { policy = \"round_robin\" }, outlier = { consecutive_5xx = 2 } }\n",
+        )
+        .unwrap();
+        topology.validate().unwrap();
+        let routes = &topology.reverse_proxy.routes;
+        assert_eq!(routes[0].policy, service_route_policy());
+        assert_eq!(routes[0].policy.retry.per_try_timeout_ms, 0);
+        assert_eq!(
+            routes[1].policy.balance,
+            crate::proxy_config::BalancePolicy::RoundRobin
+        );
+        assert_eq!(routes[1].policy.outlier.consecutive_5xx, 2);
+
+        let both = Topology::parse(
+            "[[reverse_proxy.routes]]\nprefix = \"/s/\"\nupstream = { addrs = [\"127.0.0.1:1\"] }\npolicy = { balance = { policy = \"round_robin\" } }\n",
+        )
+        .unwrap();
+        let err = both.validate().unwrap_err().to_string();
+        assert!(err.contains("upstream.policy"), "{err}");
+        let bad = Topology::parse(
+            "[[reverse_proxy.routes]]\nprefix = \"/a/\"\nservice = \"order-service\"\npolicy = { outlier = { max_ejection_percent = 101 } }\n",
+        )
+        .unwrap();
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains("route /a/: policy"), "{err}");
     }
 
     #[test]

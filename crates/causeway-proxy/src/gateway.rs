@@ -1,7 +1,13 @@
 //! The reverse-proxy role: TLS-terminated HTTP/1.1 and HTTP/2 in, API gateway checks (JWT, rate
-//! limit, body size), routing by path prefix to a service, forwarding through the shared client
-//! library (discovery, balancing, retries), and the answer streamed back with the hop's
+//! limit, body size), routing by path prefix, and the answer streamed back with the hop's
 //! `Server-Timing` entry, request id and access log line.
+//!
+//! Every route forwards through the proxy engine's [`Upstream`](crate::upstream::Upstream) with
+//! its route's [`UpstreamConfig`] (balancing policy, outlier ejection, retries within a budget,
+//! per-endpoint attempt metrics), whether its endpoints are fixed addresses (plain HTTP/1.1 or
+//! h2c) or the instances of a discovered service (DNS SRV through the client library's resolver,
+//! re-resolved on the TTL; HTTP/2 over TLS on the client library's connections); see
+//! the `pool` module.
 //!
 //! WebSocket: an HTTP/1.1 upgrade (`Connection: upgrade`, `Upgrade: websocket`) on a route with a
 //! static HTTP/1.1 upstream is forwarded with its `Upgrade` kept; when the upstream answers
@@ -19,23 +25,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use causeway_client::{CallError, CallOptions, ServiceClient};
+use causeway_client::ServiceClient;
 use causeway_core::serve::{BoxError, Shutdown, error_response};
 use causeway_core::server_timing::{self, TimingEntry, steps};
 use causeway_core::telemetry::HttpMetrics;
-use causeway_core::topology::{ReverseProxyConfig, RouteConfig, StaticUpstream, UpstreamProtocol};
+use causeway_core::topology::{ReverseProxyConfig, RouteConfig, UpstreamProtocol};
 use causeway_core::trace_context::{REQUEST_ID, TRACEPARENT, TraceContext};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use http::header::{self, HeaderName, HeaderValue};
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::{Authority, PathAndQuery};
 use http::{HeaderMap, Request, Response, StatusCode, Uri};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body as _, Incoming};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -46,9 +50,11 @@ use tokio::task::JoinHandle;
 use crate::auth::{AuthError, Verifier};
 use crate::hygiene::{self, Forwarding, Limits, LimitsExt, Upgrade};
 use crate::routing::RouteTable;
-use crate::upstream::{
-    EndpointSpec, FailureKind, Outcome, RetryDecision, Upstream, UpstreamError, UpstreamMetrics,
-};
+use crate::upstream::{FailureKind, RetryDecision, UpstreamConfig, UpstreamMetrics};
+
+mod pool;
+
+use pool::{AttemptMetrics, Pool, Transport};
 
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
@@ -64,12 +70,11 @@ pub struct Gateway {
     table: RouteTable,
     verifier: Verifier,
     limiter: DefaultKeyedRateLimiter<ClientKey>,
-    client: Arc<ServiceClient>,
     metrics: HttpMetrics,
     /// Body size and request timeout are enforced here; the serve loop applies the rest.
     limits: Limits,
     upstream_metrics: UpstreamMetrics,
-    attempts: Family<AttemptLabels, Counter>,
+    attempts: AttemptMetrics,
     /// WebSocket tunnels: ended ones by outcome, open ones, bytes each way.
     tunnels: TunnelMetrics,
     /// Whether clients reach this gateway over plain HTTP (benchmarks, behind a TLS terminator).
@@ -79,9 +84,9 @@ pub struct Gateway {
 /// A route with what it forwards to.
 struct Route {
     config: RouteConfig,
-    /// Set for routes to fixed addresses (or why their upstream could not be built); the others
-    /// go to their service through discovery.
-    upstream: Option<Result<StaticPool, String>>,
+    /// Its fixed addresses or its discovered service (shared by the routes to that service with
+    /// the same policy), or why that could not be built: the route then answers 502.
+    pool: Result<Arc<Pool>, String>,
 }
 
 /// Rate-limit key: the token's subject, else the client's address (no string built per request).
@@ -107,27 +112,11 @@ struct Caller<'t> {
     subject: Option<String>,
 }
 
-/// Body of requests to static upstreams: a buffered (replayable) body, or one streamed as it
-/// arrives within the size limit.
-type StaticBody = ProxyBody;
-
-/// Bodies up to this size (declared by `Content-Length`) are buffered so that a failed attempt
-/// can be retried; larger or unsized ones (chunked uploads, gRPC streams) are streamed through
-/// and their requests never retried, since a consumed stream cannot be sent again.
+/// Bodies up to this size (declared by `Content-Length`) are buffered on routes to fixed
+/// addresses, so that a failed attempt can be retried; larger or unsized ones (chunked uploads,
+/// gRPC streams) are streamed through and retried only when they never left (a consumed stream
+/// cannot be sent again). Routes to services buffer every body but gRPC's, within the limit.
 const REPLAY_LIMIT: u64 = 64 * 1024;
-
-/// Fixed upstream addresses behind a pooled keep-alive client, balanced, ejected, checked and
-/// retried by the proxy engine's [`Upstream`].
-struct StaticPool {
-    client: Client<HttpConnector, StaticBody>,
-    /// HTTP/1.1 (which can carry a WebSocket upgrade) or h2c (which cannot).
-    protocol: UpstreamProtocol,
-    upstream: Upstream,
-    /// Per address: its URI authority and Server-Timing description, formatted once.
-    targets: Vec<(SocketAddr, Authority, String)>,
-    /// Attempts per endpoint and outcome.
-    attempts: Family<AttemptLabels, Counter>,
-}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AttemptLabels {
@@ -164,78 +153,6 @@ struct TunnelMetrics {
     bytes: Family<TunnelBytesLabels, Counter>,
 }
 
-impl StaticPool {
-    fn new(
-        instance: &str,
-        route: &RouteConfig,
-        upstream: &StaticUpstream,
-        request_timeout: Duration,
-        metrics: &UpstreamMetrics,
-        attempts: &Family<AttemptLabels, Counter>,
-    ) -> Result<Self, UpstreamError> {
-        let connect_timeout = request_timeout.min(Duration::from_secs(5));
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(connect_timeout));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_millis(upstream.pool_idle_timeout_ms))
-            .pool_max_idle_per_host(upstream.pool_max_idle_per_addr)
-            .http2_only(upstream.protocol == UpstreamProtocol::H2c)
-            .build(connector);
-        let protocol_name = match upstream.protocol {
-            UpstreamProtocol::Http1 => "HTTP/1.1",
-            UpstreamProtocol::H2c => "h2c",
-        };
-        let protocol = upstream.protocol;
-        let prefix = &route.prefix;
-        let targets = upstream
-            .addrs
-            .iter()
-            .filter_map(|addr| {
-                let authority = Authority::try_from(addr.to_string()).ok()?;
-                let detail = escape_description(&format!(
-                    "{instance} routed {prefix} to {addr} over {protocol_name}"
-                ));
-                Some((*addr, authority, detail))
-            })
-            .collect();
-        // All attempts together stay within the gateway's request timeout.
-        let mut config = upstream.policy.clone();
-        config.retry.deadline_ms = config
-            .retry
-            .deadline_ms
-            .min(request_timeout.as_millis() as u64);
-        let specs = upstream
-            .addrs
-            .iter()
-            .map(|addr| EndpointSpec::new(addr.to_string(), *addr))
-            .collect();
-        let upstream = Upstream::with_metrics(prefix.clone(), config, specs, metrics.clone())?;
-        Ok(Self {
-            client,
-            protocol,
-            upstream,
-            targets,
-            attempts: attempts.clone(),
-        })
-    }
-
-    fn target(&self, addr: SocketAddr) -> Option<&(SocketAddr, Authority, String)> {
-        self.targets.iter().find(|(target, ..)| *target == addr)
-    }
-
-    fn count(&self, addr: SocketAddr, outcome: Cow<'static, str>) {
-        self.attempts
-            .get_or_create(&AttemptLabels {
-                upstream: self.upstream.name().to_string(),
-                endpoint: addr.to_string(),
-                outcome,
-            })
-            .inc();
-    }
-}
-
 impl Gateway {
     /// A gateway routing by `config.routes` (see [`with_routes`](Self::with_routes) for Ingress).
     pub fn new(
@@ -261,29 +178,62 @@ impl Gateway {
         let limits = config.listener_limits();
         let request_timeout = limits.request_timeout();
         let upstream_metrics = UpstreamMetrics::default();
-        let attempts = Family::default();
-        let routes: Vec<Route> = table
-            .routes()
-            .iter()
-            .map(|route| Route {
-                upstream: route.upstream.as_ref().map(|upstream| {
-                    StaticPool::new(
-                        &instance,
-                        route,
-                        upstream,
-                        request_timeout,
-                        &upstream_metrics,
-                        &attempts,
-                    )
-                    .map_err(|err| {
-                        // The route answers 502 naming this rather than taking the proxy down.
-                        tracing::error!(route = %route.prefix, error = %err, "static upstream unusable");
-                        err.to_string()
-                    })
-                }),
+        let attempts = AttemptMetrics::default();
+        // Routes to one service with one policy share a pool: one endpoint set, one outlier
+        // state and one retry budget per service, as the service's callers see it.
+        let mut discovered: Vec<(&str, &UpstreamConfig, Arc<Pool>)> = Vec::new();
+        let mut routes = Vec::with_capacity(table.routes().len());
+        for route in table.routes() {
+            let pool = match &route.upstream {
+                Some(upstream) => Pool::fixed(
+                    &instance,
+                    route,
+                    upstream,
+                    request_timeout,
+                    &upstream_metrics,
+                    &attempts,
+                )
+                .map(Arc::new),
+                None => match discovered.iter().find(|(service, policy, _)| {
+                    *service == route.service && **policy == route.policy
+                }) {
+                    Some((.., pool)) => Ok(pool.clone()),
+                    None => {
+                        let name = if discovered
+                            .iter()
+                            .any(|(service, ..)| *service == route.service)
+                        {
+                            format!("{}@{}", route.service, route.prefix)
+                        } else {
+                            route.service.clone()
+                        };
+                        Pool::discovered(
+                            name,
+                            &route.service,
+                            &route.policy,
+                            client.clone(),
+                            request_timeout,
+                            &upstream_metrics,
+                            &attempts,
+                        )
+                        .map(|pool| {
+                            let pool = Arc::new(pool);
+                            discovered.push((&route.service, &route.policy, pool.clone()));
+                            pool
+                        })
+                    }
+                },
+            };
+            let pool = pool.map_err(|err| {
+                // The route answers 502 naming this rather than taking the proxy down.
+                tracing::error!(route = %route.prefix, error = %err, "upstream unusable");
+                err.to_string()
+            });
+            routes.push(Route {
                 config: route.clone(),
-            })
-            .collect();
+                pool,
+            });
+        }
         let per_second =
             NonZeroU32::new(config.rate_limit.requests_per_second).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(config.rate_limit.burst).unwrap_or(NonZeroU32::MIN);
@@ -293,7 +243,6 @@ impl Gateway {
             table,
             verifier: Verifier::new(jwt_key, &config.jwt),
             limiter: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
-            client,
             metrics,
             limits,
             upstream_metrics,
@@ -303,14 +252,19 @@ impl Gateway {
         }
     }
 
-    /// Registers the static upstreams' metrics (ejections, health, retries, budget, attempts
-    /// per endpoint) in the proxy's registry.
+    /// Registers the upstreams' metrics (ejections, health, retries, budget, attempts and their
+    /// latency per endpoint, for static and discovered upstreams alike) in the proxy's registry.
     pub fn register_upstream_metrics(&self, registry: &mut Registry) {
         self.upstream_metrics.register(registry);
         registry.register(
             "upstream_attempts",
-            "Attempts per static upstream endpoint, by status or failure",
-            self.attempts.clone(),
+            "Attempts per upstream endpoint, by status or failure",
+            self.attempts.attempts.clone(),
+        );
+        registry.register(
+            "upstream_attempt_duration_seconds",
+            "Attempt latency to response headers per upstream endpoint",
+            self.attempts.latency.0.clone(),
         );
         registry.register(
             "websocket_tunnels",
@@ -329,12 +283,19 @@ impl Gateway {
         );
     }
 
-    /// Starts the active health checkers of static upstreams that configure one; they stop on
-    /// `shutdown`.
+    /// Starts the active health checkers of upstreams that configure one (a discovered
+    /// service's instances are checked on their admin ports); they stop on `shutdown`.
     pub fn spawn_health_checkers(&self, shutdown: &Shutdown) -> Vec<JoinHandle<()>> {
-        self.routes
-            .iter()
-            .filter_map(|route| route.upstream.as_ref()?.as_ref().ok())
+        let mut pools: Vec<&Arc<Pool>> = Vec::new();
+        for route in &self.routes {
+            if let Ok(pool) = &route.pool
+                && !pools.iter().any(|seen| Arc::ptr_eq(seen, pool))
+            {
+                pools.push(pool);
+            }
+        }
+        pools
+            .into_iter()
             .filter_map(|pool| pool.upstream.spawn_health_checker(shutdown.clone()))
             .collect()
     }
@@ -567,78 +528,81 @@ impl Gateway {
 
         // Checked after auth and rate limiting: an upgrade is a request like any other until then.
         let websocket = is_websocket_upgrade(request.version(), request.headers());
-        match &route.upstream {
-            Some(Err(problem)) => Err(Refusal::Status(
+        let pool = route.pool.as_ref().map_err(|problem| {
+            Refusal::Status(
                 StatusCode::BAD_GATEWAY,
                 "no_upstream",
                 format!(
                     "route {} has no usable upstream: {problem}",
                     route.config.prefix
                 ),
-            )),
-            Some(Ok(pool)) if websocket && pool.protocol != UpstreamProtocol::Http1 => {
-                Err(Refusal::Status(
-                    StatusCode::NOT_IMPLEMENTED,
-                    "websocket_unsupported",
-                    format!(
-                        "route {} forwards to its upstream over h2c, which cannot carry an \
-                         HTTP/1.1 WebSocket upgrade; use an HTTP/1.1 upstream for WebSocket",
-                        route.config.prefix
-                    ),
-                ))
+            )
+        })?;
+        if websocket {
+            match &pool.transport {
+                Transport::Fixed(fixed) if fixed.protocol == UpstreamProtocol::Http1 => {}
+                Transport::Fixed(_) => {
+                    return Err(Refusal::Status(
+                        StatusCode::NOT_IMPLEMENTED,
+                        "websocket_unsupported",
+                        format!(
+                            "route {} forwards to its upstream over h2c, which cannot carry an \
+                             HTTP/1.1 WebSocket upgrade; use an HTTP/1.1 upstream for WebSocket",
+                            route.config.prefix
+                        ),
+                    ));
+                }
+                Transport::Discovered(discovered) => {
+                    return Err(Refusal::Status(
+                        StatusCode::NOT_IMPLEMENTED,
+                        "websocket_unsupported",
+                        format!(
+                            "route {} forwards to service {} over HTTP/2, which cannot carry an \
+                             HTTP/1.1 WebSocket upgrade; WebSocket is proxied only on routes \
+                             with a static HTTP/1.1 upstream",
+                            route.config.prefix, discovered.service
+                        ),
+                    ));
+                }
             }
-            None if websocket => Err(Refusal::Status(
-                StatusCode::NOT_IMPLEMENTED,
-                "websocket_unsupported",
-                format!(
-                    "route {} forwards to service {} over HTTP/2, which cannot carry an HTTP/1.1 \
-                     WebSocket upgrade; WebSocket is proxied only on routes with a static \
-                     HTTP/1.1 upstream",
-                    route.config.prefix, route.config.service
-                ),
-            )),
-            Some(Ok(pool)) => self
-                .forward_static(
-                    route,
-                    pool,
-                    request,
-                    websocket,
-                    Caller {
-                        peer,
-                        trace,
-                        request_id,
-                        subject,
-                    },
-                )
-                .await
-                .map(|(response, detail)| (response, Cow::Borrowed(detail))),
-            None => self
-                .forward_to_service(&route.config, request, peer, trace, subject)
-                .await
-                .map(|(response, detail)| (response, Cow::Owned(detail))),
         }
+        self.forward_upstream(
+            route,
+            pool,
+            request,
+            websocket,
+            Caller {
+                peer,
+                trace,
+                request_id,
+                subject,
+            },
+        )
+        .await
     }
 
-    /// To one of a route's fixed addresses over plain HTTP, on pooled keep-alive connections.
-    /// The endpoint is picked per attempt by the route's [`Upstream`] (hash key from the
-    /// headers), every outcome is recorded for outlier detection, and failed attempts are
-    /// retried as its [`crate::upstream::RetrySession`] allows: idempotent requests on connect
-    /// failure or a retryable status, any request on a connect failure (nothing was sent), each
-    /// attempt under the per-try timeout, all within the deadline and the retry budget. Only
-    /// replayable bodies are retried: empty ones and ones buffered up to [`REPLAY_LIMIT`].
+    /// To the route's upstream: fixed addresses over plain HTTP on pooled keep-alive
+    /// connections, or a discovered service's instances over HTTP/2 with TLS. The endpoint is
+    /// picked per attempt by the route's [`Upstream`] (hash key from the headers), every
+    /// outcome is recorded for outlier detection and the attempt metrics, and failed attempts
+    /// are retried as its [`crate::upstream::RetrySession`] allows: idempotent requests on
+    /// connect failure, reset or a retryable status, any request on a connect failure (nothing
+    /// was sent), each attempt under the per-try timeout, all within the deadline and the retry
+    /// budget. Buffered bodies can be sent again; a streamed one (gRPC, or large or unsized to
+    /// fixed addresses, see [`REPLAY_LIMIT`]) only when it never left.
     ///
     /// A WebSocket upgrade (`websocket`) goes out with `Upgrade` and `Connection: upgrade`; it is
     /// retried only after a connect failure (nothing was sent), never after a status or once
     /// bytes went out. A 101 answer is returned with its `Upgrade` and the two upgraded
     /// connections spliced in a task of their own; any other answer passes through as is.
-    async fn forward_static<'a>(
+    async fn forward_upstream<'a>(
         &self,
         route: &Route,
-        pool: &'a StaticPool,
+        pool: &'a Arc<Pool>,
         mut request: Request<Incoming>,
         websocket: bool,
         caller: Caller<'_>,
-    ) -> Result<(Response<ProxyBody>, &'a str), Refusal> {
+    ) -> Result<(Response<ProxyBody>, Cow<'a, str>), Refusal> {
         let Caller {
             peer,
             trace,
@@ -661,6 +625,7 @@ impl Gateway {
             })?,
         };
         let original_authority = parts.uri.authority().cloned();
+        let grpc = is_grpc(&parts.headers);
         let headers = &mut parts.headers;
         self.prepare_request_headers(
             headers,
@@ -675,17 +640,24 @@ impl Gateway {
             },
         );
         inject_trace(trace, request_id, headers);
-        // HTTP/1.1 or h2c towards the upstream, whatever the client spoke.
-        parts.version = http::Version::default();
 
-        let small = body
-            .size_hint()
-            .exact()
-            .is_some_and(|length| length <= REPLAY_LIMIT);
+        let replayable = match &pool.transport {
+            Transport::Fixed(_) => body
+                .size_hint()
+                .exact()
+                .is_some_and(|length| length <= REPLAY_LIMIT),
+            // gRPC streams both ways and its messages carry their own size limits.
+            Transport::Discovered(_) => !grpc,
+        };
         let (replay, mut streamed) = if body.is_end_stream() {
             (Some(Bytes::new()), None)
-        } else if small {
+        } else if replayable {
             (Some(self.read_body(&parts.headers, body).await?), None)
+        } else if grpc {
+            (
+                None,
+                Some(body.map_err(|err| -> BoxError { Box::new(err) }).boxed()),
+            )
         } else {
             let limited = Limited::new(body, self.limits.max_body_bytes);
             (
@@ -704,131 +676,91 @@ impl Gateway {
                     format!("{} did not answer within the deadline", upstream.name()),
                 ));
             };
-            let guard = upstream.pick(&parts.headers).map_err(|err| {
+            let guard = pool.pick(&parts.headers).await.map_err(|message| {
                 Refusal::Status(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "upstream_unavailable",
-                    err.to_string(),
+                    message,
                 )
             })?;
-            let addr = guard.addr();
-            let Some((_, authority, detail)) = pool.target(addr) else {
-                return Err(Refusal::Status(
-                    StatusCode::BAD_GATEWAY,
-                    "no_upstream",
-                    format!("{addr} is not one of {}'s addresses", upstream.name()),
-                ));
-            };
+            let endpoint = guard.endpoint().clone();
+            let addr = endpoint.addr();
             let body = match (&replay, streamed.take()) {
                 (Some(bytes), _) => Full::new(bytes.clone())
                     .map_err(|never| match never {})
                     .boxed(),
                 (None, Some(body)) => body,
-                // A streamed body went with the first attempt; the loop ends after it.
+                // A streamed body went with an earlier attempt; the loop ends after it.
                 (None, None) => break,
             };
-            let mut uri = http::uri::Parts::default();
-            uri.scheme = Some(Scheme::HTTP);
-            uri.authority = Some(authority.clone());
-            uri.path_and_query = Some(path_and_query.clone());
-            let mut attempt = Request::new(body);
-            *attempt.method_mut() = parts.method.clone();
-            *attempt.uri_mut() = Uri::from_parts(uri).map_err(|err| {
-                Refusal::Status(StatusCode::BAD_REQUEST, "bad_path", err.to_string())
-            })?;
-            *attempt.version_mut() = parts.version;
-            *attempt.headers_mut() = parts.headers.clone();
-
-            let (failure, refusal) =
-                match tokio::time::timeout(attempt_timeout, pool.client.request(attempt)).await {
-                    Ok(Ok(mut response)) => {
-                        let status = response.status();
-                        guard.record(Outcome::Response(status));
-                        pool.count(addr, Cow::Owned(status.as_u16().to_string()));
-                        if status == StatusCode::SWITCHING_PROTOCOLS
-                            && let Some(client_upgrade) = client_upgrade.take()
-                        {
-                            let upstream_upgrade = hyper::upgrade::on(&mut response);
-                            self.splice(Tunnel {
-                                route: route.config.prefix.clone(),
-                                peer,
-                                upstream: addr,
-                                request_id: trace.request_id.clone(),
-                                client: client_upgrade,
-                                upstream_io: upstream_upgrade,
-                            });
-                            let (mut parts, _) = response.into_parts();
-                            hygiene::strip_hop_by_hop(&mut parts.headers, Upgrade::PassThrough);
-                            hygiene::add_via(&mut parts.headers, parts.version, VIA_NAME);
-                            let body = Full::new(Bytes::new())
-                                .map_err(|never| match never {})
-                                .boxed();
-                            return Ok((Response::from_parts(parts, body), detail.as_str()));
-                        }
-                        // An upgrade that got an answer is never sent again.
-                        let retryable = !websocket
-                            && upstream
-                                .config()
-                                .retry
-                                .retry_statuses
-                                .contains(&status.as_u16());
-                        if retryable
-                            && replay.is_some()
-                            && session.after_failure(FailureKind::Status(status), true)
-                                == RetryDecision::Retry
-                        {
-                            continue;
-                        }
-                        let (mut parts, body) = response.into_parts();
-                        prepare_response_headers(&mut parts.headers, parts.version);
-                        let body = body.map_err(|err| -> BoxError { Box::new(err) }).boxed();
-                        return Ok((Response::from_parts(parts, body), detail.as_str()));
-                    }
-                    Ok(Err(err)) => {
-                        let connect = err.is_connect();
-                        guard.record(if connect {
-                            Outcome::ConnectFailure
-                        } else {
-                            Outcome::Failure
+            let attempt =
+                pool.attempt(addr, &parts.method, &parts.headers, &path_and_query, body)?;
+            let failure = match pool.send(guard, attempt, attempt_timeout).await {
+                Ok(mut response) => {
+                    let status = response.status();
+                    let detail = match pool.fixed_detail(addr) {
+                        Some(detail) => Cow::Borrowed(detail),
+                        None => Cow::Owned(self.service_detail(
+                            &route.config,
+                            &parts.uri,
+                            &path_and_query,
+                            subject.as_deref(),
+                            endpoint.id(),
+                        )),
+                    };
+                    if status == StatusCode::SWITCHING_PROTOCOLS
+                        && let Some(client_upgrade) = client_upgrade.take()
+                    {
+                        let upstream_upgrade = hyper::upgrade::on(&mut response);
+                        self.splice(Tunnel {
+                            route: route.config.prefix.clone(),
+                            peer,
+                            upstream: addr,
+                            request_id: trace.request_id.clone(),
+                            client: client_upgrade,
+                            upstream_io: upstream_upgrade,
                         });
-                        let (kind, what, counted) = if connect {
-                            (
-                                FailureKind::ConnectFailure,
-                                "cannot connect to",
-                                "connect_failure",
-                            )
-                        } else {
-                            (FailureKind::Other, "failed talking to", "failure")
-                        };
-                        pool.count(addr, Cow::Borrowed(counted));
-                        let source = std::error::Error::source(&err)
-                            .map(|source| format!(": {source}"))
-                            .unwrap_or_default();
-                        let refusal = Refusal::Status(
-                            StatusCode::BAD_GATEWAY,
-                            "upstream_unavailable",
-                            format!("{what} upstream {authority}{source}"),
-                        );
-                        (kind, refusal)
+                        let (mut parts, _) = response.into_parts();
+                        hygiene::strip_hop_by_hop(&mut parts.headers, Upgrade::PassThrough);
+                        hygiene::add_via(&mut parts.headers, parts.version, VIA_NAME);
+                        let body = Full::new(Bytes::new())
+                            .map_err(|never| match never {})
+                            .boxed();
+                        return Ok((Response::from_parts(parts, body), detail));
                     }
-                    Err(_) => {
-                        guard.record(Outcome::Failure);
-                        pool.count(addr, Cow::Borrowed("timeout"));
-                        let refusal = Refusal::Status(
-                            StatusCode::GATEWAY_TIMEOUT,
-                            "upstream_timeout",
-                            format!("{authority} did not answer within {attempt_timeout:?}"),
-                        );
-                        (FailureKind::PerTryTimeout, refusal)
+                    // An upgrade that got an answer is never sent again.
+                    let retryable = !websocket
+                        && upstream
+                            .config()
+                            .retry
+                            .retry_statuses
+                            .contains(&status.as_u16());
+                    if retryable
+                        && replay.is_some()
+                        && session.after_failure(FailureKind::Status(status), true)
+                            == RetryDecision::Retry
+                    {
+                        continue;
                     }
-                };
-            // Nothing reached the endpoint only when the connection was never made.
-            let bytes_sent = failure != FailureKind::ConnectFailure;
-            if replay.is_none()
-                || (websocket && bytes_sent)
-                || session.after_failure(failure, bytes_sent) != RetryDecision::Retry
+                    let (mut parts, body) = response.into_parts();
+                    prepare_response_headers(&mut parts.headers, parts.version);
+                    let body = body.map_err(|err| -> BoxError { Box::new(err) }).boxed();
+                    return Ok((Response::from_parts(parts, body), detail));
+                }
+                Err(failure) => failure,
+            };
+            // A request that never left keeps its body, streamed or not.
+            if let Some(unsent) = failure.unsent
+                && replay.is_none()
             {
-                return Err(refusal);
+                streamed = Some(unsent.into_body());
+            }
+            let bytes_sent = failure.kind != FailureKind::ConnectFailure;
+            if (replay.is_none() && streamed.is_none())
+                || (websocket && bytes_sent)
+                || session.after_failure(failure.kind, bytes_sent) != RetryDecision::Retry
+            {
+                return Err(failure.refusal);
             }
         }
         Err(Refusal::Status(
@@ -836,6 +768,28 @@ impl Gateway {
             "upstream_unavailable",
             format!("{} could not be reached", upstream.name()),
         ))
+    }
+
+    /// The Server-Timing description of a request routed to a discovered service.
+    fn service_detail(
+        &self,
+        route: &RouteConfig,
+        uri: &Uri,
+        upstream_path: &PathAndQuery,
+        subject: Option<&str>,
+        instance: &str,
+    ) -> String {
+        format!(
+            "{} checked {}, rate limit ok, routed {} to {} ({instance}) as {}",
+            self.instance,
+            match subject {
+                Some(sub) => format!("JWT sub={sub}"),
+                None => "no auth (public route)".to_string(),
+            },
+            uri.path(),
+            route.service,
+            upstream_path.path(),
+        )
     }
 
     /// Splices an upgraded client connection to the upgraded upstream one in a task of its own,
@@ -920,84 +874,6 @@ impl Gateway {
             );
         });
     }
-
-    /// To an instance of the route's service, found through discovery, via the shared client.
-    async fn forward_to_service(
-        &self,
-        route: &RouteConfig,
-        request: Request<Incoming>,
-        peer: SocketAddr,
-        trace: &TraceContext,
-        subject: Option<String>,
-    ) -> Result<(Response<ProxyBody>, String), Refusal> {
-        let (parts, body) = request.into_parts();
-        let path = parts.uri.path();
-        let upstream_path = rewrite_path(route, &parts.uri);
-        let upstream_uri: http::Uri = upstream_path.parse().map_err(|_| {
-            Refusal::Status(
-                StatusCode::BAD_REQUEST,
-                "bad_path",
-                format!("cannot forward {path}"),
-            )
-        })?;
-        let mut headers = parts.headers.clone();
-        self.prepare_request_headers(
-            &mut headers,
-            parts.version,
-            parts.uri.authority(),
-            peer,
-            subject.as_deref(),
-            Upgrade::Strip,
-        );
-        let options = CallOptions {
-            deadline: Some(self.limits.request_timeout()),
-            attempt_timeout: Some(self.limits.request_timeout()),
-        };
-        let (result, report) = if is_grpc(&parts.headers) {
-            // gRPC streams in both directions and its messages carry their own size limits, so
-            // its body is passed through as it comes rather than buffered.
-            let body = body.map_err(|err| -> BoxError { Box::new(err) }).boxed();
-            let upstream = upstream_request(&parts.method, upstream_uri, headers, body);
-            self.client
-                .send_streaming(&route.service, upstream, trace, options)
-                .await
-        } else {
-            let body = self.read_body(&parts.headers, body).await?;
-            let upstream = upstream_request(&parts.method, upstream_uri, headers, body);
-            self.client
-                .send_with(&route.service, upstream, trace, options)
-                .await
-        };
-        let response = result.map_err(|err| match err {
-            CallError::DeadlineExceeded { .. } => Refusal::Status(
-                StatusCode::GATEWAY_TIMEOUT,
-                "upstream_timeout",
-                err.to_string(),
-            ),
-            err => Refusal::Status(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "upstream_unavailable",
-                err.to_string(),
-            ),
-        })?;
-        let instance = report
-            .answered_by()
-            .map(|endpoint| endpoint.instance.clone())
-            .unwrap_or_default();
-        let detail = format!(
-            "{} checked {}, rate limit ok, routed {path} to {} ({instance}) as {upstream_path}",
-            self.instance,
-            match &subject {
-                Some(sub) => format!("JWT sub={sub}"),
-                None => "no auth (public route)".to_string(),
-            },
-            route.service,
-        );
-        let (mut parts, body) = response.into_parts();
-        prepare_response_headers(&mut parts.headers, parts.version);
-        let body = body.map_err(|err| -> BoxError { Box::new(err) }).boxed();
-        Ok((Response::from_parts(parts, body), detail))
-    }
 }
 
 /// An upgraded client connection and the upstream's, to be spliced.
@@ -1080,19 +956,6 @@ fn is_websocket_upgrade(version: http::Version, headers: &HeaderMap) -> bool {
     version == http::Version::HTTP_11
         && names(headers, header::CONNECTION, "upgrade")
         && names(headers, header::UPGRADE, "websocket")
-}
-
-fn upstream_request<B>(
-    method: &http::Method,
-    uri: http::Uri,
-    headers: HeaderMap,
-    body: B,
-) -> Request<B> {
-    let mut request = Request::new(body);
-    *request.method_mut() = method.clone();
-    *request.uri_mut() = uri;
-    *request.headers_mut() = headers;
-    request
 }
 
 /// gRPC requests are recognised by their content type (`application/grpc`, `+proto`, ...).
@@ -1280,9 +1143,14 @@ fn refusal_response(refusal: Refusal, request_id: &str) -> Response<ProxyBody> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use causeway_core::topology::StaticUpstream;
+    use hyper_util::rt::TokioExecutor;
+
+    mod discovered;
 
     fn route(prefix: &str, strip: Option<&str>) -> RouteConfig {
         RouteConfig {
+            policy: causeway_core::topology::service_route_policy(),
             prefix: prefix.into(),
             service: "user-service".into(),
             strip_prefix: strip.map(str::to_owned),
@@ -1363,6 +1231,7 @@ mod tests {
 
     fn static_route(addrs: Vec<SocketAddr>, protocol: UpstreamProtocol) -> RouteConfig {
         RouteConfig {
+            policy: causeway_core::topology::service_route_policy(),
             prefix: "/static/".into(),
             service: String::new(),
             strip_prefix: Some("/static".into()),
@@ -1405,16 +1274,30 @@ mod tests {
         client: ServiceClient,
         mut metrics: causeway_core::telemetry::Metrics,
     ) -> (SocketAddr, causeway_core::serve::ShutdownTrigger) {
-        let gateway = Arc::new(
-            Gateway::new(
-                "reverse-proxy-test".into(),
-                &config,
-                b"test-key",
-                Arc::new(client),
-                metrics.http_server(),
-            )
-            .serving_plain_http(),
-        );
+        serve_gateway(test_gateway(&config, client, &mut metrics)).await
+    }
+
+    /// A gateway for `config`, reached over plain HTTP.
+    fn test_gateway(
+        config: &ReverseProxyConfig,
+        client: ServiceClient,
+        metrics: &mut causeway_core::telemetry::Metrics,
+    ) -> Gateway {
+        Gateway::new(
+            "reverse-proxy-test".into(),
+            config,
+            b"test-key",
+            Arc::new(client),
+            metrics.http_server(),
+        )
+        .serving_plain_http()
+    }
+
+    /// Serves `gateway` on plain HTTP on a free port until the trigger fires or drops.
+    async fn serve_gateway(
+        gateway: Gateway,
+    ) -> (SocketAddr, causeway_core::serve::ShutdownTrigger) {
+        let gateway = Arc::new(gateway);
         let gateway_limits = gateway.limits().clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -2136,6 +2019,7 @@ mod tests {
         let config = ReverseProxyConfig {
             routes: vec![
                 RouteConfig {
+                    policy: causeway_core::topology::service_route_policy(),
                     prefix: "/chat/".into(),
                     service: "chat-service".into(),
                     strip_prefix: None,

@@ -4,8 +4,9 @@
 //! [`routing`] (route tables from the topology or from Kubernetes [`ingress`] documents) and
 //! [`reload`] (swapping configuration without dropping requests). The roles: the edge load
 //! balancer (layer 4, over the reverse-proxy instances) and the reverse proxy / API gateway /
-//! ingress (TLS termination, JWT and rate-limit checks, routing to services through the shared
-//! client library or to fixed upstreams). Both find their upstreams through discovery and report
+//! ingress (TLS termination, JWT and rate-limit checks, routing to discovered services or to fixed
+//! upstreams, both through the same [`upstream`] machinery: balancing, ejection and retries
+//! within a budget per route). Both find their upstreams through discovery and report
 //! Prometheus metrics; the mesh-sidecar role is to be configured on the same parts.
 
 pub mod auth;

@@ -51,6 +51,7 @@ impl RouteTable {
                 strip_prefix: route.strip_prefix.clone(),
                 auth: route.auth,
                 upstream: None,
+                policy: causeway_core::topology::service_route_policy(),
             });
         }
         Self {
@@ -110,6 +111,7 @@ mod tests {
             strip_prefix: None,
             auth: true,
             upstream: None,
+            policy: causeway_core::topology::service_route_policy(),
         }
     }
 

@@ -177,7 +177,7 @@ impl RetryPolicyExt for RetryPolicy {
             FailureKind::ConnectFailure => true,
             FailureKind::Status(status) => self.retry_statuses.contains(&status.as_u16()),
             FailureKind::PerTryTimeout => self.retry_per_try_timeout,
-            FailureKind::Other => false,
+            FailureKind::Other => self.retry_on_reset,
         };
         if retryable {
             RetryDecision::Retry
@@ -386,7 +386,7 @@ mod tests {
             (Method::GET, unavailable, true, Retry),
             (Method::GET, internal, true, DoNotRetry(NotRetryable)),
             (Method::GET, PerTryTimeout, true, Retry),
-            (Method::GET, Other, true, DoNotRetry(NotRetryable)),
+            (Method::GET, Other, true, Retry),
             (Method::HEAD, unavailable, true, Retry),
             (Method::OPTIONS, unavailable, true, Retry),
             (Method::PUT, unavailable, true, Retry),
@@ -418,6 +418,14 @@ mod tests {
         };
         assert_eq!(
             no_timeouts.decide(&Method::GET, PerTryTimeout, true),
+            DoNotRetry(NotRetryable)
+        );
+        let no_resets = RetryPolicy {
+            retry_on_reset: false,
+            ..RetryPolicy::default()
+        };
+        assert_eq!(
+            no_resets.decide(&Method::GET, Other, true),
             DoNotRetry(NotRetryable)
         );
     }
