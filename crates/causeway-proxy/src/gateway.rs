@@ -12,7 +12,9 @@
 //! WebSocket: an HTTP/1.1 upgrade (`Connection: upgrade`, `Upgrade: websocket`) on a route with a
 //! static HTTP/1.1 upstream is forwarded with its `Upgrade` kept; when the upstream answers
 //! `101 Switching Protocols` the 101 goes back to the client and the two upgraded connections
-//! are spliced byte for byte until either side closes. Routes to discovered services (HTTP/2 to
+//! are spliced byte for byte until either side closes, or until a drain
+//! ([`Gateway::drain_tunnels`]) has given them their grace period and closes them. Routes to
+//! discovered services (HTTP/2 to
 //! the service) and to h2c upstreams cannot carry an HTTP/1.1 upgrade and answer 501
 //! `websocket_unsupported`. HTTP/2 extended CONNECT (RFC 8441, WebSocket over HTTP/2) is not
 //! supported, in either direction.
@@ -77,6 +79,9 @@ pub struct Gateway {
     attempts: AttemptMetrics,
     /// WebSocket tunnels: ended ones by outcome, open ones, bytes each way.
     tunnels: TunnelMetrics,
+    /// Tells open tunnels that a drain has begun, and when it ends; each open tunnel holds a
+    /// receiver, so the drain knows when the last one has ended.
+    draining: Arc<tokio::sync::watch::Sender<Option<tokio::time::Instant>>>,
     /// Whether clients reach this gateway over plain HTTP (benchmarks, behind a TLS terminator).
     plain_http: bool,
 }
@@ -248,6 +253,7 @@ impl Gateway {
             upstream_metrics,
             attempts,
             tunnels: TunnelMetrics::default(),
+            draining: Arc::new(tokio::sync::watch::Sender::new(None)),
             plain_http: false,
         }
     }
@@ -268,7 +274,8 @@ impl Gateway {
         );
         registry.register(
             "websocket_tunnels",
-            "WebSocket tunnels that ended, by route and outcome (closed, error, upgrade_failed)",
+            "WebSocket tunnels that ended, by route and outcome (closed, error, upgrade_failed, \
+             drained: closed by the proxy at the end of a drain's grace period)",
             self.tunnels.ended.clone(),
         );
         registry.register(
@@ -304,6 +311,34 @@ impl Gateway {
     pub fn serving_plain_http(mut self) -> Self {
         self.plain_http = true;
         self
+    }
+
+    /// The drain of open WebSocket tunnels, for a shutdown: they carry on for `grace` (a client
+    /// may close on its own, or reconnect elsewhere when told by the application), and those
+    /// still open then are closed. Resolves when every tunnel has ended; tunnels opened during
+    /// the drain get what is left of the grace period. Call it after the listener has stopped
+    /// accepting, on the runtime(s) that serve the tunnels (each per-core worker awaiting it
+    /// keeps its tunnels running until they end).
+    pub async fn drain_tunnels(&self, grace: Duration) {
+        let deadline = tokio::time::Instant::now() + grace;
+        self.draining.send_if_modified(|current| {
+            // An earlier drain's deadline stands.
+            let first = current.is_none();
+            if first {
+                *current = Some(deadline);
+            }
+            first
+        });
+        let open = self.draining.receiver_count();
+        if open > 0 {
+            tracing::info!(
+                open,
+                grace_ms = grace.as_millis() as u64,
+                "draining websocket tunnels"
+            );
+        }
+        // Ends when the last tunnel's receiver is dropped; the margin covers closing them.
+        let _ = tokio::time::timeout(grace + Duration::from_secs(1), self.draining.closed()).await;
     }
 
     /// Forgets rate-limit state of clients that have been quiet, so memory stays bounded.
@@ -793,10 +828,13 @@ impl Gateway {
     }
 
     /// Splices an upgraded client connection to the upgraded upstream one in a task of its own,
-    /// which ends when either side closes (or fails) and then logs one line and counts the
+    /// which ends when either side closes (or fails), or when a drain's grace period is over
+    /// (see [`drain_tunnels`](Self::drain_tunnels)), and then logs one line and counts the
     /// tunnel with the bytes carried each way.
     fn splice(&self, tunnel: Tunnel) {
         let metrics = self.tunnels.clone();
+        // Held for the tunnel's life: the drain waits for every receiver to go.
+        let mut draining = self.draining.subscribe();
         tokio::spawn(async move {
             let Tunnel {
                 route,
@@ -838,11 +876,38 @@ impl Gateway {
             open.inc();
             let mut client = Counted::new(TokioIo::new(client));
             let mut upstream_io = Counted::new(TokioIo::new(upstream_io));
-            let result = tokio::io::copy_bidirectional(&mut client, &mut upstream_io).await;
+            let result = {
+                let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream_io);
+                tokio::pin!(copy);
+                tokio::select! {
+                    result = &mut copy => Some(result),
+                    deadline = drain_deadline(&mut draining) => {
+                        tokio::time::timeout_at(deadline, &mut copy).await.ok()
+                    }
+                }
+            };
+            let drained = result.is_none();
+            if drained {
+                // Bytes are spliced, not framed, so no WebSocket close frame can be sent
+                // safely mid-stream: both sides see the connection end (TLS close_notify and
+                // FIN towards the client).
+                use tokio::io::AsyncWriteExt as _;
+                let _ = tokio::time::timeout(Duration::from_millis(100), async {
+                    let _ = client.shutdown().await;
+                    let _ = upstream_io.shutdown().await;
+                })
+                .await;
+            }
+            let result = result.unwrap_or(Ok((0, 0)));
             open.dec();
+            drop(draining);
             // Bytes read from one side are the bytes carried towards the other.
             let (to_upstream, to_client) = (client.read, upstream_io.read);
-            let outcome = if result.is_ok() { "closed" } else { "error" };
+            let outcome = match (&result, drained) {
+                (_, true) => "drained",
+                (Ok(_), false) => "closed",
+                (Err(_), false) => "error",
+            };
             metrics
                 .ended
                 .get_or_create(&TunnelLabels {
@@ -873,6 +938,21 @@ impl Gateway {
                 "websocket tunnel ended"
             );
         });
+    }
+}
+
+/// When the drain that has begun (or begins later) ends; never, if the gateway is gone.
+async fn drain_deadline(
+    draining: &mut tokio::sync::watch::Receiver<Option<tokio::time::Instant>>,
+) -> tokio::time::Instant {
+    // The borrowed value is copied out at once: it holds a lock.
+    let deadline = draining
+        .wait_for(Option::is_some)
+        .await
+        .map(|deadline| deadline.unwrap_or_else(tokio::time::Instant::now));
+    match deadline {
+        Ok(deadline) => deadline,
+        Err(_) => std::future::pending().await,
     }
 }
 
@@ -1274,7 +1354,7 @@ mod tests {
         client: ServiceClient,
         mut metrics: causeway_core::telemetry::Metrics,
     ) -> (SocketAddr, causeway_core::serve::ShutdownTrigger) {
-        serve_gateway(test_gateway(&config, client, &mut metrics)).await
+        serve_gateway(Arc::new(test_gateway(&config, client, &mut metrics))).await
     }
 
     /// A gateway for `config`, reached over plain HTTP.
@@ -1295,9 +1375,8 @@ mod tests {
 
     /// Serves `gateway` on plain HTTP on a free port until the trigger fires or drops.
     async fn serve_gateway(
-        gateway: Gateway,
+        gateway: Arc<Gateway>,
     ) -> (SocketAddr, causeway_core::serve::ShutdownTrigger) {
-        let gateway = Arc::new(gateway);
         let gateway_limits = gateway.limits().clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -1982,6 +2061,84 @@ mod tests {
             .expect("the tunnel closed")
             .unwrap();
         assert!(rest.is_empty(), "{rest:?}");
+    }
+
+    #[tokio::test]
+    async fn a_drain_gives_open_tunnels_a_grace_period_then_closes_them() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let upstream = websocket_upstream().await;
+        let mut metrics = causeway_core::telemetry::Metrics::new("reverse-proxy", "test");
+        let client = idle_client(&mut metrics);
+        let config = ReverseProxyConfig {
+            routes: vec![static_route(vec![upstream], UpstreamProtocol::Http1)],
+            request_timeout_ms: 2000,
+            ..ReverseProxyConfig::default()
+        };
+        let gateway = Arc::new(test_gateway(&config, client, &mut metrics));
+        let mut registry = Registry::default();
+        gateway.register_upstream_metrics(&mut registry);
+        let (addr, stop) = serve_gateway(gateway.clone()).await;
+        let mut tunnels = Vec::new();
+        for _ in 0..2 {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (head, _) = send_handshake(&mut stream, "/static/ws", "").await;
+            assert!(head.starts_with("http/1.1 101"), "{head}");
+            tunnels.push(stream);
+        }
+        let (mut polite, mut idle) = (tunnels.remove(0), tunnels.remove(0));
+
+        // Shutdown: the listener stops, then the tunnels get 600 ms.
+        drop(stop);
+        let grace = Duration::from_millis(600);
+        let started = Instant::now();
+        let drain = tokio::spawn({
+            let gateway = gateway.clone();
+            async move { gateway.drain_tunnels(grace).await }
+        });
+        // Within the grace period both still carry bytes.
+        for stream in [&mut polite, &mut idle] {
+            stream.write_all(b"ping").await.unwrap();
+            let mut echo = [0u8; 4];
+            tokio::time::timeout(Duration::from_secs(2), stream.read_exact(&mut echo))
+                .await
+                .expect("echo in time")
+                .unwrap();
+            assert_eq!(&echo, b"ping");
+        }
+        // One client closes on its own: its tunnel ends as usual.
+        polite.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(2), polite.read_to_end(&mut rest))
+            .await
+            .expect("the closed tunnel ends")
+            .unwrap();
+        assert!(started.elapsed() < grace, "{:?}", started.elapsed());
+        // The other is closed by the proxy once the grace period is over, and the drain ends.
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut rest))
+            .await
+            .expect("the proxy closed the open tunnel");
+        assert!(closed.is_ok() || rest.is_empty(), "{closed:?}");
+        assert!(started.elapsed() >= grace, "{:?}", started.elapsed());
+        tokio::time::timeout(Duration::from_secs(2), drain)
+            .await
+            .expect("the drain ends once the tunnels have")
+            .unwrap();
+        assert!(started.elapsed() < grace + Duration::from_millis(500));
+
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for expected in [
+            "websocket_tunnels_total{route=\"/static/\",outcome=\"closed\"} 1",
+            "websocket_tunnels_total{route=\"/static/\",outcome=\"drained\"} 1",
+            "websocket_tunnels_open{route=\"/static/\"} 0",
+        ] {
+            assert!(text.contains(expected), "{expected} in {text}");
+        }
+        // A drain with no tunnels open ends at once.
+        let again = Instant::now();
+        gateway.drain_tunnels(Duration::from_secs(5)).await;
+        assert!(again.elapsed() < Duration::from_millis(100));
     }
 
     #[tokio::test]

@@ -203,7 +203,7 @@ impl Fixture {
         let gateway = test_gateway(&config, client, &mut metrics);
         let mut prometheus = Prometheus::default();
         gateway.register_upstream_metrics(&mut prometheus);
-        let (addr, trigger) = serve_gateway(gateway).await;
+        let (addr, trigger) = serve_gateway(Arc::new(gateway)).await;
         (addr, trigger, prometheus)
     }
 }
