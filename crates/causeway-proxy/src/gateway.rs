@@ -14,9 +14,8 @@
 //! `101 Switching Protocols` the 101 goes back to the client and the two upgraded connections
 //! are spliced byte for byte until either side closes, or until a drain
 //! ([`Gateway::drain_tunnels`]) has given them their grace period and closes them. Routes to
-//! discovered services (HTTP/2 to
-//! the service) and to h2c upstreams cannot carry an HTTP/1.1 upgrade and answer 501
-//! `websocket_unsupported`. HTTP/2 extended CONNECT (RFC 8441, WebSocket over HTTP/2) is not
+//! discovered services (HTTP/2 to the service) and to h2c upstreams cannot carry an HTTP/1.1
+//! upgrade and answer 501 `websocket_unsupported`. HTTP/2 extended CONNECT (RFC 8441, WebSocket over HTTP/2) is not
 //! supported, in either direction.
 
 use std::borrow::Cow;
@@ -70,8 +69,10 @@ pub struct Gateway {
     /// In the route table's order; the table picks an index.
     routes: Vec<Route>,
     table: RouteTable,
-    verifier: Verifier,
-    limiter: DefaultKeyedRateLimiter<ClientKey>,
+    verifier: Arc<Verifier>,
+    limiter: Arc<DefaultKeyedRateLimiter<ClientKey>>,
+    /// Its discovery and connections serve the routes to services.
+    client: Arc<ServiceClient>,
     metrics: HttpMetrics,
     /// Body size and request timeout are enforced here; the serve loop applies the rest.
     limits: Limits,
@@ -83,6 +84,21 @@ pub struct Gateway {
     /// receiver, so the drain knows when the last one has ended.
     draining: Arc<tokio::sync::watch::Sender<Option<tokio::time::Instant>>>,
     /// Whether clients reach this gateway over plain HTTP (benchmarks, behind a TLS terminator).
+    plain_http: bool,
+}
+
+/// What a gateway passes on to the one that replaces it on a reload (see [`Gateway::reload`]).
+struct Carried {
+    instance: String,
+    limits: Limits,
+    verifier: Arc<Verifier>,
+    limiter: Arc<DefaultKeyedRateLimiter<ClientKey>>,
+    client: Arc<ServiceClient>,
+    metrics: HttpMetrics,
+    upstream_metrics: UpstreamMetrics,
+    attempts: AttemptMetrics,
+    tunnels: TunnelMetrics,
+    draining: Arc<tokio::sync::watch::Sender<Option<tokio::time::Instant>>>,
     plain_http: bool,
 }
 
@@ -180,25 +196,102 @@ impl Gateway {
         client: Arc<ServiceClient>,
         metrics: HttpMetrics,
     ) -> Self {
-        let limits = config.listener_limits();
+        let per_second =
+            NonZeroU32::new(config.rate_limit.requests_per_second).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(config.rate_limit.burst).unwrap_or(NonZeroU32::MIN);
+        Self::build(
+            table,
+            Carried {
+                instance,
+                limits: config.listener_limits(),
+                verifier: Arc::new(Verifier::new(jwt_key, &config.jwt)),
+                limiter: Arc::new(RateLimiter::keyed(
+                    Quota::per_second(per_second).allow_burst(burst),
+                )),
+                client,
+                metrics,
+                upstream_metrics: UpstreamMetrics::default(),
+                attempts: AttemptMetrics::default(),
+                tunnels: TunnelMetrics::default(),
+                draining: Arc::new(tokio::sync::watch::Sender::new(None)),
+                plain_http: false,
+            },
+            &[],
+        )
+    }
+
+    /// A gateway with `table`'s routes (an Ingress reload) that carries this one on: the
+    /// settings, the rate limiter's state, the metrics (registered once, from the first
+    /// gateway), the WebSocket tunnels (one [`drain_tunnels`](Self::drain_tunnels) covers those
+    /// of every generation) and the pools of upstreams whose routes did not change, with their
+    /// endpoints, outlier state, retry budget and health checkers. New upstreams get no health
+    /// checker (Ingress routes configure none).
+    pub fn reload(&self, table: RouteTable) -> Self {
+        let carried = Carried {
+            instance: self.instance.clone(),
+            limits: self.limits.clone(),
+            verifier: self.verifier.clone(),
+            limiter: self.limiter.clone(),
+            client: self.client.clone(),
+            metrics: self.metrics.clone(),
+            upstream_metrics: self.upstream_metrics.clone(),
+            attempts: self.attempts.clone(),
+            tunnels: self.tunnels.clone(),
+            draining: self.draining.clone(),
+            plain_http: self.plain_http,
+        };
+        Self::build(table, carried, &self.routes)
+    }
+
+    /// Builds the routes' pools, taking those of `previous` routes that are unchanged.
+    fn build(table: RouteTable, carried: Carried, previous: &[Route]) -> Self {
+        let Carried {
+            instance,
+            limits,
+            verifier,
+            limiter,
+            client,
+            metrics,
+            upstream_metrics,
+            attempts,
+            tunnels,
+            draining,
+            plain_http,
+        } = carried;
         let request_timeout = limits.request_timeout();
-        let upstream_metrics = UpstreamMetrics::default();
-        let attempts = AttemptMetrics::default();
         // Routes to one service with one policy share a pool: one endpoint set, one outlier
         // state and one retry budget per service, as the service's callers see it.
-        let mut discovered: Vec<(&str, &UpstreamConfig, Arc<Pool>)> = Vec::new();
+        let mut discovered: Vec<(&str, &UpstreamConfig, Arc<Pool>)> = previous
+            .iter()
+            .filter(|old| old.config.upstream.is_none())
+            .filter_map(|old| {
+                let pool = old.pool.as_ref().ok()?;
+                Some((
+                    old.config.service.as_str(),
+                    &old.config.policy,
+                    pool.clone(),
+                ))
+            })
+            .collect();
         let mut routes = Vec::with_capacity(table.routes().len());
         for route in table.routes() {
             let pool = match &route.upstream {
-                Some(upstream) => Pool::fixed(
-                    &instance,
-                    route,
-                    upstream,
-                    request_timeout,
-                    &upstream_metrics,
-                    &attempts,
-                )
-                .map(Arc::new),
+                Some(upstream) => match previous.iter().find_map(|old| {
+                    let same =
+                        old.config.prefix == route.prefix && old.config.upstream == route.upstream;
+                    same.then(|| old.pool.as_ref().ok()).flatten()
+                }) {
+                    Some(pool) => Ok(pool.clone()),
+                    None => Pool::fixed(
+                        &instance,
+                        route,
+                        upstream,
+                        request_timeout,
+                        &upstream_metrics,
+                        &attempts,
+                    )
+                    .map(Arc::new),
+                },
                 None => match discovered.iter().find(|(service, policy, _)| {
                     *service == route.service && **policy == route.policy
                 }) {
@@ -239,22 +332,20 @@ impl Gateway {
                 pool,
             });
         }
-        let per_second =
-            NonZeroU32::new(config.rate_limit.requests_per_second).unwrap_or(NonZeroU32::MIN);
-        let burst = NonZeroU32::new(config.rate_limit.burst).unwrap_or(NonZeroU32::MIN);
         Self {
             instance,
             routes,
             table,
-            verifier: Verifier::new(jwt_key, &config.jwt),
-            limiter: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
+            verifier,
+            limiter,
+            client,
             metrics,
             limits,
             upstream_metrics,
             attempts,
-            tunnels: TunnelMetrics::default(),
-            draining: Arc::new(tokio::sync::watch::Sender::new(None)),
-            plain_http: false,
+            tunnels,
+            draining,
+            plain_http,
         }
     }
 
@@ -2139,6 +2230,87 @@ mod tests {
         let again = Instant::now();
         gateway.drain_tunnels(Duration::from_secs(5)).await;
         assert!(again.elapsed() < Duration::from_millis(100));
+    }
+
+    #[tokio::test]
+    async fn a_reload_keeps_unchanged_upstreams_metrics_and_tunnels() {
+        use crate::upstream::UpstreamConfig;
+        use tokio::io::AsyncReadExt;
+        let (one, one_hits) = named_upstream("one", StatusCode::OK).await;
+        let ws = websocket_upstream().await;
+        let mut metrics = causeway_core::telemetry::Metrics::new("reverse-proxy", "test");
+        let client = idle_client(&mut metrics);
+        let service_route = |prefix: &str, policy: UpstreamConfig| RouteConfig {
+            prefix: prefix.into(),
+            policy,
+            ..route(prefix, None)
+        };
+        let mut ws_route = static_route(vec![ws], UpstreamProtocol::Http1);
+        ws_route.prefix = "/ws/".into();
+        let config = ReverseProxyConfig {
+            routes: vec![
+                static_route(vec![one], UpstreamProtocol::Http1),
+                service_route("/a/", causeway_core::topology::service_route_policy()),
+                ws_route.clone(),
+            ],
+            request_timeout_ms: 2000,
+            ..ReverseProxyConfig::default()
+        };
+        let first = Arc::new(test_gateway(&config, client, &mut metrics));
+        let mut registry = Registry::default();
+        first.register_upstream_metrics(&mut registry);
+        let (first_addr, _first_stop) = serve_gateway(first.clone()).await;
+        let mut tunnel = tokio::net::TcpStream::connect(first_addr).await.unwrap();
+        let (head, _) = send_handshake(&mut tunnel, "/ws/chat", "").await;
+        assert!(head.starts_with("http/1.1 101"), "{head}");
+
+        let mut moved = static_route(vec![one], UpstreamProtocol::Http1);
+        moved.prefix = "/moved/".into();
+        let round_robin = UpstreamConfig {
+            balance: crate::upstream::BalancePolicy::RoundRobin,
+            ..causeway_core::topology::service_route_policy()
+        };
+        let second = Arc::new(first.reload(RouteTable::from_routes(vec![
+            static_route(vec![one], UpstreamProtocol::Http1),
+            service_route("/a/", causeway_core::topology::service_route_policy()),
+            service_route("/b/", round_robin),
+            moved,
+        ])));
+        let pool = |gateway: &Gateway, index: usize| gateway.routes[index].pool.clone().unwrap();
+        // Unchanged routes keep their pools; changed ones get new ones.
+        assert!(Arc::ptr_eq(&pool(&first, 0), &pool(&second, 0)));
+        assert!(Arc::ptr_eq(&pool(&first, 1), &pool(&second, 1)));
+        assert!(!Arc::ptr_eq(&pool(&second, 1), &pool(&second, 2)));
+        assert_eq!(pool(&second, 2).upstream.name(), "user-service@/b/");
+        assert!(!Arc::ptr_eq(&pool(&first, 0), &pool(&second, 3)));
+
+        // The metrics registered from the first gateway count the second's traffic.
+        let (second_addr, _second_stop) = serve_gateway(second.clone()).await;
+        let (status, _) = causeway_client::plain_http::request(
+            http::Method::GET,
+            second_addr,
+            "/moved/x",
+            None,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(one_hits.load(Ordering::SeqCst), 1);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let expected = format!(
+            "upstream_attempts_total{{upstream=\"/moved/\",endpoint=\"{one}\",outcome=\"200\"}} 1"
+        );
+        assert!(text.contains(&expected), "{expected} in {text}");
+
+        // The second gateway's drain covers the tunnel opened on the first.
+        second.drain_tunnels(Duration::from_millis(100)).await;
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(2), tunnel.read_to_end(&mut rest))
+            .await
+            .expect("the tunnel was drained")
+            .ok();
     }
 
     #[tokio::test]
