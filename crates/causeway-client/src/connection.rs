@@ -55,6 +55,16 @@ impl Connections {
         }
     }
 
+    /// A set with the same TLS settings and connect timeout and no connections yet (for a caller
+    /// that keeps one set per thread, such as the proxy's per-core workers).
+    pub fn empty_like(&self) -> Self {
+        Self {
+            tls: self.tls.clone(),
+            connect_timeout: self.connect_timeout,
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+
     /// A sender to `addr`, verified as `server_name`; the duration is set when a new connection
     /// had to be opened.
     pub async fn get(

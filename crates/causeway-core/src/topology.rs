@@ -478,7 +478,8 @@ pub struct StaticUpstream {
     /// Idle pooled connections are closed after this long.
     #[serde(default = "default_pool_idle_timeout_ms")]
     pub pool_idle_timeout_ms: u64,
-    /// At most this many idle connections are kept per address.
+    /// At most this many idle connections are kept per address (and per worker thread: each
+    /// worker pools its own, so that a connection is only ever used by the thread driving it).
     #[serde(default = "default_pool_max_idle")]
     pub pool_max_idle_per_addr: usize,
     /// Balancing, outlier detection, active health checks and retries over `addrs`; by default

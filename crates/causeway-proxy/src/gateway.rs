@@ -1464,6 +1464,18 @@ mod tests {
         .serving_plain_http()
     }
 
+    /// A gateway (not yet served) with one public route to fixed `addrs` over HTTP/1.1.
+    fn static_test_gateway(addrs: Vec<SocketAddr>) -> Arc<Gateway> {
+        let mut metrics = causeway_core::telemetry::Metrics::new("reverse-proxy", "test");
+        let client = idle_client(&mut metrics);
+        let config = ReverseProxyConfig {
+            routes: vec![static_route(addrs, UpstreamProtocol::Http1)],
+            request_timeout_ms: 2000,
+            ..ReverseProxyConfig::default()
+        };
+        Arc::new(test_gateway(&config, client, &mut metrics))
+    }
+
     /// Serves `gateway` on plain HTTP on a free port until the trigger fires or drops.
     async fn serve_gateway(
         gateway: Arc<Gateway>,
@@ -1854,6 +1866,68 @@ mod tests {
         (status, String::from_utf8_lossy(&body).into_owned())
     }
 
+    /// Each worker thread (a single-threaded runtime, as `causeway up` runs them) keeps its own
+    /// keep-alive connections to a static upstream: requests served by two workers in turn
+    /// open one connection each and reuse it, rather than passing one connection between them.
+    #[tokio::test]
+    async fn each_worker_thread_pools_its_own_upstream_connections() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let service = hyper::service::service_fn(|_request: Request<Incoming>| async {
+                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from("ok"))))
+                });
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        let gateway = static_test_gateway(vec![upstream]);
+        // Two workers, each a thread with its own runtime serving its own port.
+        let mut workers = Vec::new();
+        let mut stops = Vec::new();
+        for _ in 0..2 {
+            let (addr_sender, addr) = tokio::sync::oneshot::channel();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let gateway = gateway.clone();
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async move {
+                    let (addr, _trigger) = serve_gateway(gateway).await;
+                    let _ = addr_sender.send(addr);
+                    let _ = stopped.await;
+                });
+            });
+            workers.push(addr.await.unwrap());
+            stops.push(stop);
+        }
+        for _ in 0..3 {
+            for worker in &workers {
+                let (status, body) = causeway_client::plain_http::request(
+                    http::Method::GET,
+                    *worker,
+                    "/static/x",
+                    None,
+                    Duration::from_secs(5),
+                )
+                .await
+                .unwrap();
+                assert_eq!(status, StatusCode::OK, "{body:?}");
+            }
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        drop(stops);
+    }
+
     #[tokio::test]
     async fn gets_are_retried_off_a_503_upstream_until_it_is_ejected() {
         use crate::upstream::{BalancePolicy, UpstreamConfig};
@@ -2158,14 +2232,7 @@ mod tests {
     async fn a_drain_gives_open_tunnels_a_grace_period_then_closes_them() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let upstream = websocket_upstream().await;
-        let mut metrics = causeway_core::telemetry::Metrics::new("reverse-proxy", "test");
-        let client = idle_client(&mut metrics);
-        let config = ReverseProxyConfig {
-            routes: vec![static_route(vec![upstream], UpstreamProtocol::Http1)],
-            request_timeout_ms: 2000,
-            ..ReverseProxyConfig::default()
-        };
-        let gateway = Arc::new(test_gateway(&config, client, &mut metrics));
+        let gateway = static_test_gateway(vec![upstream]);
         let mut registry = Registry::default();
         gateway.register_upstream_metrics(&mut registry);
         let (addr, stop) = serve_gateway(gateway.clone()).await;

@@ -4,10 +4,10 @@
 //! gateway's forwarding loop, retries and metrics:
 //!
 //! - [`Transport::Fixed`]: plain HTTP/1.1 or h2c to configured addresses, on a pooled
-//!   keep-alive client.
+//!   keep-alive client per thread.
 //! - [`Transport::Discovered`]: a service's instances as discovery lists them (DNS SRV through
 //!   the client library's resolver), over the client library's HTTP/2-over-TLS connections
-//!   (verified against the local CA, one multiplexed connection per instance). The endpoint set
+//!   (verified against the local CA, one multiplexed connection per instance and thread). The endpoint set
 //!   is resolved again when the answer's TTL is up (in the background, by the first request
 //!   that finds it due), after a connect failure, and at once when a pick finds no endpoint.
 
@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use causeway_client::ServiceClient;
+use causeway_client::connection::Connections;
 use causeway_client::discovery::{Endpoint as Instance, ResolveError};
 use causeway_core::telemetry::{HistogramFamily, error_chain, latency_histogram};
 use causeway_core::topology::{RouteConfig, StaticUpstream, UpstreamProtocol};
@@ -28,6 +29,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use thread_local::ThreadLocal;
 
 use super::{AttemptLabels, ProxyBody, Refusal, escape_description};
 use crate::upstream::{
@@ -69,11 +71,37 @@ pub(super) enum Transport {
 }
 
 pub(super) struct Fixed {
-    client: Client<HttpConnector, ProxyBody>,
+    /// One keep-alive pool per thread: the gateway is shared by per-core workers, each a
+    /// single-threaded runtime, and a pooled connection is driven by a task on the runtime that
+    /// opened it; a worker using another's connection would wake that thread for every read.
+    clients: ThreadLocal<Client<HttpConnector, ProxyBody>>,
+    pool_settings: PoolSettings,
     /// HTTP/1.1 (which can carry a WebSocket upgrade) or h2c (which cannot).
     pub(super) protocol: UpstreamProtocol,
     /// Per address: its URI authority and Server-Timing description, formatted once.
     targets: Vec<(SocketAddr, Authority, String)>,
+}
+
+/// How a fixed upstream's per-thread clients are built.
+struct PoolSettings {
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    max_idle_per_addr: usize,
+    h2c: bool,
+}
+
+impl PoolSettings {
+    fn client(&self) -> Client<HttpConnector, ProxyBody> {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(self.connect_timeout));
+        Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(self.idle_timeout)
+            .pool_max_idle_per_host(self.max_idle_per_addr)
+            .http2_only(self.h2c)
+            .build(connector)
+    }
 }
 
 pub(super) struct Discovered {
@@ -83,6 +111,9 @@ pub(super) struct Discovered {
     host: String,
     authority: Authority,
     client: Arc<ServiceClient>,
+    /// The client library's HTTP/2-over-TLS connections, one set per thread (see
+    /// [`Fixed::clients`] for why).
+    connections: ThreadLocal<Connections>,
     /// Whether the instances' admin addresses are resolved too, for active health checks.
     health_checked: bool,
     epoch: Instant,
@@ -113,16 +144,12 @@ impl Pool {
         upstream_metrics: &UpstreamMetrics,
         metrics: &AttemptMetrics,
     ) -> Result<Self, UpstreamError> {
-        let connect_timeout = request_timeout.min(Duration::from_secs(5));
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(connect_timeout));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_millis(upstream.pool_idle_timeout_ms))
-            .pool_max_idle_per_host(upstream.pool_max_idle_per_addr)
-            .http2_only(upstream.protocol == UpstreamProtocol::H2c)
-            .build(connector);
+        let pool_settings = PoolSettings {
+            connect_timeout: request_timeout.min(Duration::from_secs(5)),
+            idle_timeout: Duration::from_millis(upstream.pool_idle_timeout_ms),
+            max_idle_per_addr: upstream.pool_max_idle_per_addr,
+            h2c: upstream.protocol == UpstreamProtocol::H2c,
+        };
         let protocol_name = match upstream.protocol {
             UpstreamProtocol::Http1 => "HTTP/1.1",
             UpstreamProtocol::H2c => "h2c",
@@ -153,7 +180,8 @@ impl Pool {
         Ok(Self {
             upstream: upstream_engine,
             transport: Transport::Fixed(Fixed {
-                client,
+                clients: ThreadLocal::new(),
+                pool_settings,
                 protocol: upstream.protocol,
                 targets,
             }),
@@ -190,6 +218,7 @@ impl Pool {
                 host,
                 authority,
                 client,
+                connections: ThreadLocal::new(),
                 health_checked: policy.health_check.is_some(),
                 epoch: Instant::now(),
                 due_ms: AtomicU64::new(0),
@@ -355,7 +384,8 @@ impl Fixed {
         request: Request<ProxyBody>,
         timeout: Duration,
     ) -> Result<Response<Incoming>, AttemptFailure> {
-        match tokio::time::timeout(timeout, self.client.request(request)).await {
+        let client = self.clients.get_or(|| self.pool_settings.client());
+        match tokio::time::timeout(timeout, client.request(request)).await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(err)) => {
                 let (kind, what) = if err.is_connect() {
@@ -513,7 +543,9 @@ impl Discovered {
         request: Request<ProxyBody>,
         timeout: Duration,
     ) -> Result<Response<Incoming>, AttemptFailure> {
-        let connections = self.client.connections();
+        let connections = self
+            .connections
+            .get_or(|| self.client.connections().empty_like());
         let unsent = |message: String, request| {
             self.client.discovery().forget_service(&self.service);
             self.due_ms.store(0, Ordering::Relaxed);
