@@ -5,8 +5,9 @@
 //! Only what routing needs is read: `metadata.name`/`namespace`, `spec.ingressClassName`,
 //! `spec.defaultBackend`, `spec.tls[]` and `spec.rules[]`, plus Causeway's own annotations (as
 //! ingress-nginx reads `nginx.ingress.kubernetes.io/*`): [`STRIP_PREFIX_ANNOTATION`] removes a
-//! path prefix before forwarding, and [`AUTH_ANNOTATION`] `"false"` makes the Ingress's routes
-//! public (by default the gateway requires a valid token). Every other field (labels, other
+//! path prefix before forwarding, [`AUTH_ANNOTATION`] `"false"` makes the Ingress's routes
+//! public (by default the gateway requires a valid token), and [`BALANCE_ANNOTATION`] picks the
+//! balancing policy over the backend's instances. Every other field (labels, other
 //! annotations, `status`, ...) is ignored, as a controller ignores what it doesn't implement.
 //! Matching follows <https://kubernetes.io/docs/concepts/services-networking/ingress/>:
 //!
@@ -38,6 +39,8 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 use serde::de::IgnoredAny;
+
+use crate::upstream::BalancePolicy;
 
 /// The `ingressClassName` this controller serves (documents without a class are served too).
 pub const INGRESS_CLASS: &str = "causeway";
@@ -119,6 +122,9 @@ pub struct Route {
     pub strip_prefix: Option<String>,
     /// From [`AUTH_ANNOTATION`]: whether a valid token is required (the default).
     pub auth: bool,
+    /// From [`BALANCE_ANNOTATION`]: the balancing policy over the service's instances, when
+    /// not the default (least request).
+    pub balance: Option<BalancePolicy>,
 }
 
 /// Annotation naming a path prefix the gateway removes before forwarding (`/api`: the edge's
@@ -126,6 +132,9 @@ pub struct Route {
 pub const STRIP_PREFIX_ANNOTATION: &str = "causeway.dev/strip-prefix";
 /// Annotation; `"false"` makes the Ingress's routes public.
 pub const AUTH_ANNOTATION: &str = "causeway.dev/auth";
+/// Annotation choosing how the Ingress's routes balance over their service's instances:
+/// `round_robin`, `weighted_round_robin` or `least_request` (the default).
+pub const BALANCE_ANNOTATION: &str = "causeway.dev/balance";
 
 /// One `spec.tls[]` entry: the certificate (a Secret's name, which the caller maps to files) for
 /// these hosts; empty `hosts` means the default certificate.
@@ -512,6 +521,20 @@ impl Builder {
                 ));
             }
         };
+        let balance = match annotations.get(BALANCE_ANNOTATION).map(String::as_str) {
+            None => None,
+            Some("round_robin") => Some(BalancePolicy::RoundRobin),
+            Some("weighted_round_robin") => Some(BalancePolicy::WeightedRoundRobin),
+            Some("least_request") => Some(BalancePolicy::LeastRequest),
+            Some(other) => {
+                return Err(cx.invalid(
+                    format!("metadata.annotations[{BALANCE_ANNOTATION}]"),
+                    format!(
+                        "is {other:?}; expected round_robin, weighted_round_robin or least_request"
+                    ),
+                ));
+            }
+        };
         let spec = document.spec.ok_or_else(|| cx.invalid("spec", "missing"))?;
         if spec
             .ingress_class_name
@@ -533,6 +556,7 @@ impl Builder {
                 path_type: None,
                 strip_prefix: strip_prefix.clone(),
                 auth,
+                balance: balance.clone(),
             };
             match &self.routes.default_backend {
                 Some(existing) if existing.backend != route.backend => {
@@ -636,6 +660,7 @@ impl Builder {
                         path_type: Some(path_type),
                         strip_prefix: strip_prefix.clone(),
                         auth,
+                        balance: balance.clone(),
                     },
                 });
                 self.routes.route_count += 1;
@@ -1101,7 +1126,16 @@ spec:
         let route = routes.lookup_route(None, "/v1/status/now").unwrap();
         assert_eq!(route.strip_prefix.as_deref(), Some("/v1"));
         assert!(!route.auth);
+        assert_eq!(route.balance, None);
+        let balanced = yaml.replace(
+            r#"causeway.dev/auth: "false""#,
+            "causeway.dev/balance: round_robin",
+        );
+        let routes = IngressRoutes::from_yaml_str(&balanced).unwrap();
+        let route = routes.lookup_route(None, "/v1/status").unwrap();
+        assert_eq!(route.balance, Some(BalancePolicy::RoundRobin));
         for bad in [
+            "causeway.dev/balance: fastest",
             "causeway.dev/auth: maybe",
             "causeway.dev/strip-prefix: v1",
             "causeway.dev/strip-prefix: /v1/",

@@ -51,7 +51,13 @@ impl RouteTable {
                 strip_prefix: route.strip_prefix.clone(),
                 auth: route.auth,
                 upstream: None,
-                policy: causeway_core::topology::service_route_policy(),
+                policy: {
+                    let mut policy = causeway_core::topology::service_route_policy();
+                    if let Some(balance) = &route.balance {
+                        policy.balance = balance.clone();
+                    }
+                    policy
+                },
             });
         }
         Self {
@@ -141,7 +147,7 @@ apiVersion: networking.k8s.io/v1
 kind: Ingress
 metadata:
   name: shop
-  annotations: {causeway.dev/strip-prefix: /api}
+  annotations: {causeway.dev/strip-prefix: /api, causeway.dev/balance: round_robin}
 spec:
   rules:
   - host: shop.example.com
@@ -155,6 +161,15 @@ spec:
 "#;
         let table = RouteTable::from_ingress(IngressRoutes::from_yaml_str(yaml).unwrap());
         assert_eq!(table.routes().len(), 3);
+        // The balance annotation sets the policy; the rest stays the service-route default.
+        let mut round_robin = causeway_core::topology::service_route_policy();
+        round_robin.balance = crate::upstream::BalancePolicy::RoundRobin;
+        assert!(
+            table
+                .routes()
+                .iter()
+                .all(|route| route.policy == round_robin)
+        );
         let pick = |host: Option<&str>, path: &str| {
             table
                 .lookup(host, path)
