@@ -34,6 +34,8 @@ struct Fixture {
     ca: LocalCa,
     dir: std::path::PathBuf,
     _discovery: ShutdownTrigger,
+    /// Stops the gateways' health checkers when the test ends.
+    checkers: std::sync::Mutex<Vec<ShutdownTrigger>>,
 }
 
 impl Drop for Fixture {
@@ -100,6 +102,7 @@ impl Fixture {
             ca,
             dir,
             _discovery: trigger,
+            checkers: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -164,13 +167,50 @@ impl Fixture {
     }
 
     fn register(&self, name: &str, addr: std::net::SocketAddr) {
+        self.register_with_admin(name, addr, None);
+    }
+
+    fn register_with_admin(
+        &self,
+        name: &str,
+        addr: std::net::SocketAddr,
+        admin_addr: Option<std::net::SocketAddr>,
+    ) {
         self.registry.upsert(InstanceRecord {
             service: SERVICE.into(),
             instance: name.into(),
             addr,
-            admin_addr: None,
+            admin_addr,
             pid: None,
         });
+    }
+
+    /// A plain-HTTP admin listener whose `/healthz` answers `status`.
+    async fn admin(&self, status: StatusCode) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let make_service = move |_peer| {
+            hyper::service::service_fn(move |request: Request<Incoming>| {
+                let status = if request.uri().path() == "/healthz" {
+                    status
+                } else {
+                    StatusCode::NOT_FOUND
+                };
+                let mut response = Response::new(Full::new(Bytes::new()));
+                *response.status_mut() = status;
+                async move { Ok::<_, std::convert::Infallible>(response) }
+            })
+        };
+        let (stop, shutdown) = shutdown_channel();
+        self.checkers.lock().unwrap().push(stop);
+        tokio::spawn(causeway_core::serve::serve(
+            listener,
+            None,
+            make_service,
+            shutdown,
+            Duration::ZERO,
+        ));
+        addr
     }
 
     /// A gateway with one public route `/orders/` to the service, with `policy`; its upstream
@@ -203,6 +243,9 @@ impl Fixture {
         let gateway = test_gateway(&config, client, &mut metrics);
         let mut prometheus = Prometheus::default();
         gateway.register_upstream_metrics(&mut prometheus);
+        let (checkers, shutdown) = shutdown_channel();
+        gateway.spawn_health_checkers(&shutdown);
+        self.checkers.lock().unwrap().push(checkers);
         let (addr, trigger) = serve_gateway(Arc::new(gateway)).await;
         (addr, trigger, prometheus)
     }
@@ -477,4 +520,58 @@ async fn instances_that_appear_or_leave_discovery_get_or_lose_traffic() {
         assert!(Instant::now() < deadline, "the service did not come back");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test]
+async fn instances_failing_active_health_checks_on_their_admin_port_get_no_traffic() {
+    let fixture = Fixture::start().await;
+    let healthy = fixture.instance("order-service-1").await;
+    let sick = fixture.instance("order-service-2").await;
+    // Registered with admin listeners: the second's /healthz fails (its TLS port serves fine).
+    fixture.register_with_admin(
+        healthy.name,
+        healthy.addr,
+        Some(fixture.admin(StatusCode::OK).await),
+    );
+    fixture.register_with_admin(
+        sick.name,
+        sick.addr,
+        Some(fixture.admin(StatusCode::SERVICE_UNAVAILABLE).await),
+    );
+    let mut policy = round_robin();
+    policy.health_check = Some(crate::upstream::HealthCheckConfig {
+        interval_ms: 50,
+        timeout_ms: 500,
+        healthy_threshold: 1,
+        unhealthy_threshold: 1,
+        ..Default::default()
+    });
+    let (gateway, _stop, prometheus) = fixture.gateway(policy).await;
+    // The first request resolves the instances (and their admin ports); checks follow.
+    assert_eq!(get(gateway).await.status, StatusCode::OK);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sample(
+        &prometheus,
+        "upstream_healthy",
+        &["endpoint=\"order-service-1\""],
+    ) != 1.0
+        || sample(
+            &prometheus,
+            "upstream_healthy",
+            &["endpoint=\"order-service-2\""],
+        ) != 0.0
+    {
+        assert!(Instant::now() < deadline, "the checks did not run");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = sick.hits();
+    for _ in 0..10 {
+        let answer = get(gateway).await;
+        assert!(
+            answer.body.starts_with("order-service-1"),
+            "{}",
+            answer.body
+        );
+    }
+    assert_eq!(sick.hits(), before);
 }
