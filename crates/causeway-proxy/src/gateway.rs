@@ -914,7 +914,7 @@ impl Gateway {
             },
             uri.path(),
             route.service,
-            upstream_path.path(),
+            upstream_path.as_str(),
         )
     }
 

@@ -338,7 +338,7 @@ async fn requests_spread_over_discovered_instances_by_the_policy() {
         // The hop's Server-Timing entry names the service and the instance that answered.
         assert!(
             answer.server_timing.contains(&format!(
-                "routed /orders/7 to order-service ({name}) as /orders/7"
+                "routed /orders/7 to order-service ({name}) as /orders/7?x=1; client spoke"
             )),
             "{}",
             answer.server_timing
