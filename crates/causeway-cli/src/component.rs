@@ -16,7 +16,7 @@ use causeway_core::telemetry::{HttpMetrics, Metrics};
 use causeway_core::topology::{ServiceConfig, instance_addr};
 use causeway_core::{ChildReport, Launch, Role};
 use causeway_discovery::{DiscoveryServer, Registry};
-use causeway_proxy::reload::Reloadable;
+use causeway_proxy::reload::{Reloadable, ReloadableCertificates};
 use causeway_proxy::routing::RouteTable;
 use causeway_proxy::{Balancer, Gateway};
 use causeway_queue::{BrokerLink, BrokerTarget, ConnectOptions, QueueError, ResolveBroker};
@@ -27,8 +27,8 @@ use hyper_util::service::TowerToHyperService;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
-/// How often the reverse proxy looks at its Ingress files for changes.
-const INGRESS_POLL: Duration = Duration::from_millis(500);
+/// How often the reverse proxy looks at its Ingress and certificate files for changes.
+const CONFIG_POLL: Duration = Duration::from_millis(500);
 /// How long open connections may finish after SIGTERM.
 const DRAIN: Duration = Duration::from_millis(700);
 /// How long start-up waits for the registry to accept this instance.
@@ -294,13 +294,6 @@ async fn start_balancer(
 }
 
 fn tls_acceptor(launch: &Launch) -> anyhow::Result<TlsAcceptor> {
-    if launch.role == Role::ReverseProxy {
-        // Several certificates, chosen by SNI (the edge's is the default).
-        let certificates =
-            crate::supervisor::reverse_proxy_certificates(&launch.topology, &launch.data())?;
-        let config = causeway_core::tls::server_config_with_sni(certificates)?;
-        return Ok(TlsAcceptor::from(config));
-    }
     let paths = launch.data().service_cert(launch.role.name());
     let config = causeway_core::tls::server_config(&paths)
         .with_context(|| format!("loading the TLS certificate of {}", launch.role))?;
@@ -327,38 +320,30 @@ async fn start_reverse_proxy(
     )
     .await?;
     let listen = listeners[0].local_addr()?;
-    let tls = tls_acceptor(launch)?;
+    // Several certificates, chosen by SNI (the edge's is the default), reloaded with the routes.
+    let certificates = Arc::new(ReloadableCertificates::new(
+        crate::supervisor::reverse_proxy_certificates(&launch.topology, &launch.data())?,
+    ));
+    let tls = TlsAcceptor::from(causeway_core::tls::server_config_with_resolver(
+        certificates.clone(),
+    )?);
     let key = causeway_proxy::auth::load_or_create_key(&launch.data().jwt_key())?;
     let http = metrics.http_server();
     let table = RouteTable::load(&config.routes, &config.ingress)?;
-    let build = {
-        let (instance, config, client) = (launch.instance(), config.clone(), client.clone());
-        move |table| {
-            Gateway::with_routes(
-                instance.clone(),
-                &config,
-                table,
-                &key,
-                client.clone(),
-                http.clone(),
-            )
-        }
-    };
-    let first = build(table);
+    let first = Gateway::with_routes(launch.instance(), config, table, &key, client, http);
     first.register_upstream_metrics(metrics.registry_mut());
     let mut tasks = announce(launch, listen, admin, metrics, &shutdown).await?;
     tasks.extend(first.spawn_health_checkers(&shutdown));
     let gateway_limits = first.limits().clone();
     tracing::info!(source = first.route_source(), "routes loaded");
     let gateway = Arc::new(Reloadable::new(first));
-    if !config.ingress.is_empty() {
-        tasks.push(tokio::spawn(watch_ingress(
-            config.clone(),
-            gateway.clone(),
-            build,
-            shutdown.clone(),
-        )));
-    }
+    tasks.push(tokio::spawn(watch_configuration(
+        launch.topology.clone(),
+        launch.data(),
+        gateway.clone(),
+        certificates,
+        shutdown.clone(),
+    )));
 
     let sweeper = gateway.clone();
     let mut sweeper_shutdown = shutdown.clone();
@@ -370,6 +355,7 @@ async fn start_reverse_proxy(
             }
         }
     }));
+    let tunnels = gateway.clone();
     let make_service = move |peer: SocketAddr| {
         let gateway = gateway.clone();
         hyper::service::service_fn(move |request| {
@@ -389,8 +375,10 @@ async fn start_reverse_proxy(
         let make_service = make_service.clone();
         let (tls, limits) = (tls.clone(), limits.clone());
         let (connections, shutdown) = (connections.clone(), shutdown.clone());
+        let tunnels = tunnels.clone();
+        let mut drain_signal = shutdown.clone();
         async move {
-            serve::serve_limited(
+            let serving = serve::serve_limited(
                 listener,
                 Some(tls),
                 make_service,
@@ -398,44 +386,73 @@ async fn start_reverse_proxy(
                 DRAIN,
                 Some(&limits),
                 connections,
-            )
-            .await
+            );
+            // Open WebSocket tunnels are part of the drain, alongside the connections: a grace
+            // period, then closed; this worker's runtime runs its tunnels until they have ended.
+            let tunnels = async move {
+                drain_signal.wait().await;
+                tunnels.current().drain_tunnels(DRAIN).await;
+            };
+            tokio::join!(serving, tunnels);
         }
     })?;
     tasks.push(tokio::spawn(workers.finished()));
     Ok(tasks)
 }
 
-/// Reloads the Ingress routes when their files change (or on SIGHUP): a new gateway takes the
-/// new requests, requests in flight finish on the old one, and a file that does not parse leaves
-/// the routes in use. Static upstreams are configured in the topology, not in Ingress files, so
-/// a reload builds no upstream pools or health checkers.
-async fn watch_ingress(
-    config: causeway_core::topology::ReverseProxyConfig,
+/// Reloads the Ingress routes and the TLS certificates when one of their files changes (or on
+/// SIGHUP): a new gateway takes the new requests while requests in flight finish on the old one,
+/// new handshakes get the new certificates while open connections keep theirs, and a file that
+/// does not load leaves what is in use in place. The new gateway carries the old one's metrics,
+/// rate-limit state, WebSocket tunnels and the upstream pools of unchanged routes
+/// (`Gateway::reload`). Topology routes and settings are read once, at start.
+async fn watch_configuration(
+    topology: causeway_core::topology::Topology,
+    data: causeway_core::launch::DataDir,
     gateway: Arc<Reloadable<Gateway>>,
-    build: impl Fn(RouteTable) -> Gateway + Send + 'static,
+    certificates: Arc<ReloadableCertificates>,
     shutdown: Shutdown,
 ) {
-    let files = config.ingress.clone();
-    causeway_proxy::reload::watch_files(files, INGRESS_POLL, shutdown, move |why| {
-        match RouteTable::load(&config.routes, &config.ingress) {
-            Ok(table) => {
-                let routes = table.routes().len();
-                gateway.replace(build(table));
-                tracing::info!(
-                    event = "proxy.routes_reloaded",
+    let files = crate::supervisor::reverse_proxy_watched_files(&topology, &data);
+    causeway_proxy::reload::watch_files(files, CONFIG_POLL, shutdown, move |why| {
+        let config = &topology.reverse_proxy;
+        if !config.ingress.is_empty() {
+            match RouteTable::load(&config.routes, &config.ingress) {
+                Ok(table) => {
+                    let routes = table.routes().len();
+                    gateway.replace(gateway.current().reload(table));
+                    tracing::info!(
+                        event = "proxy.routes_reloaded",
+                        why,
+                        routes,
+                        "routes reloaded"
+                    );
+                }
+                Err(err) => tracing::error!(
+                    event = "proxy.reload_refused",
                     why,
-                    routes,
-                    "routes reloaded"
+                    error = %err,
+                    "routing files do not load; kept the routes in use"
+                ),
+            }
+        }
+        match crate::supervisor::reverse_proxy_certificates(&topology, &data) {
+            Ok(loaded) => {
+                certificates.replace(loaded);
+                tracing::info!(
+                    event = "proxy.certificates_reloaded",
+                    why,
+                    "TLS certificates reloaded"
                 );
             }
             Err(err) => tracing::error!(
-                event = "proxy.reload_refused",
+                event = "proxy.certificates_refused",
                 why,
-                error = %err,
-                "routing files do not load; kept the routes in use"
+                error = format!("{err:#}"),
+                "TLS certificates do not load; kept the certificates in use"
             ),
         }
+        crate::supervisor::reverse_proxy_watched_files(&topology, &data)
     })
     .await;
 }

@@ -259,6 +259,23 @@ fn ingress_tls_secrets(topology: &Topology) -> anyhow::Result<Vec<(String, Vec<S
     Ok(causeway_core::tls::hosts_by_secret(entries))
 }
 
+/// The files whose change reloads the reverse proxy: its Ingress files and the certificates and
+/// keys it serves (those of Ingress TLS Secrets too, whether issued yet or not).
+pub fn reverse_proxy_watched_files(topology: &Topology, data: &DataDir) -> Vec<PathBuf> {
+    let config = &topology.reverse_proxy;
+    let mut files = config.ingress.clone();
+    for certificate in &config.certificates {
+        files.extend([certificate.cert.clone(), certificate.key.clone()]);
+    }
+    // An Ingress that does not parse names no Secrets: the reload that follows refuses it.
+    for (secret, _) in ingress_tls_secrets(topology).unwrap_or_default() {
+        if let Ok(paths) = causeway_core::tls::secret_cert(&data.tls_dir(), &secret) {
+            files.extend([paths.cert, paths.key]);
+        }
+    }
+    files
+}
+
 /// What the reverse proxy serves, chosen by SNI: `reverse_proxy.certificates` first, then the
 /// Ingress Secrets' certificates, and the edge certificate for any other name or no SNI.
 pub fn reverse_proxy_certificates(

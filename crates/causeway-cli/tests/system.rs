@@ -1181,6 +1181,38 @@ async fn the_edge_serves_ingress_tls_certificates_by_sni() {
     .await
     .unwrap();
     assert_eq!(response.status, StatusCode::OK, "{:?}", response.body);
+
+    // Rotated in place (as cert-manager renews a Secret): new handshakes get the new certificate
+    // without a restart, on every reverse proxy instance.
+    let ca_files = causeway_core::tls::LocalCa::load_or_create(&tls_dir).unwrap();
+    ca_files
+        .issue("secret-shop-tls", &["shop.causeway.test".to_string()])
+        .unwrap();
+    let rotated = CertificateDer::from_pem_file(tls_dir.join("secret-shop-tls.pem")).unwrap();
+    assert!(rotated != shop);
+    let mut in_a_row = 0;
+    let served = eventually(Duration::from_secs(10), async || {
+        in_a_row = if presented("shop.causeway.test").await == rotated {
+            in_a_row + 1
+        } else {
+            0
+        };
+        (in_a_row == 6).then_some(())
+    })
+    .await;
+    assert!(served.is_some(), "the rotated certificate is not served");
+    // A broken certificate file is refused with an error, and the one in use stays.
+    std::fs::write(tls_dir.join("secret-shop-tls.pem"), "not a certificate").unwrap();
+    let refused = eventually(Duration::from_secs(10), async || {
+        let log = std::fs::read_to_string(system.data().log("reverse-proxy-1")).unwrap_or_default();
+        log.contains("proxy.certificates_refused").then_some(())
+    })
+    .await;
+    assert!(refused.is_some(), "no refusal logged for the broken file");
+    for _ in 0..4 {
+        assert!(presented("shop.causeway.test").await == rotated);
+        assert!(presented("localhost").await == edge);
+    }
     drop(system);
 
     // A certificate of one's own that cannot be loaded stops `up`, naming the file.

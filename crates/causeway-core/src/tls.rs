@@ -326,10 +326,18 @@ impl ResolvesServerCert for SniCertificates {
 pub fn server_config_with_sni(
     certificates: SniCertificates,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    server_config_with_resolver(Arc::new(certificates))
+}
+
+/// A server configuration like [`server_config`] whose certificate `resolver` picks per
+/// handshake (by SNI, and from a set that may be replaced while serving).
+pub fn server_config_with_resolver(
+    resolver: Arc<dyn ResolvesServerCert>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(certificates));
+        .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
