@@ -60,6 +60,11 @@ fn metadata(trace: &TraceContext, token: Option<&str>) -> MetadataMap {
 fn request<T>(message: T, trace: &TraceContext, token: Option<&str>) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     *request.metadata_mut() = metadata(trace, token);
+    // Step 4 shows the server's own timings.
+    request.metadata_mut().insert(
+        causeway_services::pricing::SERVER_TIMING_REQUEST,
+        MetadataValue::from_static("1"),
+    );
     request.set_timeout(Duration::from_secs(3));
     request
 }

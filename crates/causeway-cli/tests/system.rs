@@ -742,6 +742,11 @@ async fn grpc_works_through_the_edge_and_behind_inventory() {
         text.contains("0a 08 53 4b 55 2d 30 30 30 31"),
         "the encoded request: {text}"
     );
+    // The demo asks Pricing for its Server-Timing entries (answers carry them only on request).
+    assert!(
+        text.contains("ran GetPrice: pricing-db ") && text.contains("; pricing-service "),
+        "the server's own timings: {text}"
+    );
 }
 
 /// Sends an email through the edge as user 123; returns the status and Email Service's answer.

@@ -4,9 +4,10 @@
 //! Written here because the format is a few lines and no maintained crate parses it.
 //! Each hop appends entries; an entry's description names the instance that did the work.
 
-use std::fmt::Write;
+use std::fmt::{self, Write};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 pub const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
@@ -29,23 +30,57 @@ impl TimingEntry {
     }
 
     fn format(&self) -> String {
-        let mut out = self.name.clone();
+        let description = self.description.as_deref().unwrap_or_default();
+        let mut out = String::with_capacity(self.name.len() + description.len() + 24);
+        out.push_str(&self.name);
         if let Some(ms) = self.duration_ms {
             let _ = write!(out, ";dur={ms:.3}");
         }
         if let Some(desc) = &self.description {
-            let escaped: String = desc
-                .chars()
-                .filter(|c| !c.is_control())
-                .flat_map(|c| match c {
-                    '"' | '\\' => vec!['\\', c],
-                    c => vec![c],
-                })
-                .collect();
-            let _ = write!(out, ";desc=\"{escaped}\"");
+            out.push_str(";desc=\"");
+            let _ = Quoted(&mut out).write_str(desc);
+            out.push('"');
         }
         out
     }
+}
+
+/// Writes the inside of a quoted string: control characters dropped, `"` and `\` escaped.
+struct Quoted<'a>(&'a mut String);
+
+impl fmt::Write for Quoted<'_> {
+    fn write_str(&mut self, text: &str) -> fmt::Result {
+        if text
+            .bytes()
+            .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+        {
+            self.0.push_str(text);
+            return Ok(());
+        }
+        for c in text.chars().filter(|c| !c.is_control()) {
+            if matches!(c, '"' | '\\') {
+                self.0.push('\\');
+            }
+            self.0.push(c);
+        }
+        Ok(())
+    }
+}
+
+/// One entry as a `Server-Timing` header value, the description formatted straight into it: for
+/// hops that add entries to every answer (no [`TimingEntry`] and no copies on the way). `None`
+/// if the description holds characters a header value cannot.
+pub fn entry_value(
+    name: &str,
+    duration: Duration,
+    description: fmt::Arguments<'_>,
+) -> Option<HeaderValue> {
+    let mut out = String::with_capacity(128);
+    out.push_str(name);
+    let _ = write!(out, ";dur={:.3};desc=\"", duration.as_secs_f64() * 1000.0);
+    let _ = Quoted(&mut out).write_fmt(description);
+    out.push('"');
+    HeaderValue::from_maybe_shared(Bytes::from(out)).ok()
 }
 
 /// Appends `entry` as its own `Server-Timing` header line.
@@ -161,6 +196,27 @@ mod tests {
         assert_eq!(
             entries[1].description.as_deref(),
             Some("picked order-service-2")
+        );
+    }
+
+    #[test]
+    fn entry_values_match_appended_entries() {
+        let description = "read \"SKU-0001\" \\ from db\n";
+        let mut headers = HeaderMap::new();
+        append(
+            &mut headers,
+            &TimingEntry::new("db", Duration::from_micros(1500), description),
+        );
+        let value = entry_value(
+            "db",
+            Duration::from_micros(1500),
+            format_args!("read \"{}\" \\ from {}\n", "SKU-0001", "db"),
+        )
+        .expect("a valid header value");
+        assert_eq!(headers.get(SERVER_TIMING), Some(&value));
+        assert_eq!(
+            value.to_str().unwrap(),
+            r#"db;dur=1.500;desc="read \"SKU-0001\" \\ from db""#
         );
     }
 

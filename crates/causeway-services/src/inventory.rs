@@ -25,9 +25,11 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use tonic::Code;
+use tonic::metadata::MetadataValue;
 
 use crate::db::{self, Database};
 use crate::http::{ApiError, service_api};
+use crate::pricing;
 use crate::{ServiceDeps, ServiceError};
 
 /// `Server-Timing` entry names Inventory Service reports.
@@ -130,16 +132,20 @@ async fn get_item(
     let started = Instant::now();
     let request = GetPriceRequest { sku: sku.clone() };
     let request_bytes = request.encoded_len();
-    let price_call =
-        state.pricing.unary(
-            "GetPrice",
-            request,
-            &trace,
-            GrpcCallOptions::default(),
-            |channel, request| async move {
-                PricingServiceClient::new(channel).get_price(request).await
-            },
-        );
+    let price_call = state.pricing.unary(
+        "GetPrice",
+        request,
+        &trace,
+        GrpcCallOptions::default(),
+        |channel, mut request| async move {
+            // Pricing's own entries are passed on in this answer's Server-Timing.
+            request.metadata_mut().insert(
+                pricing::SERVER_TIMING_REQUEST,
+                MetadataValue::from_static("1"),
+            );
+            PricingServiceClient::new(channel).get_price(request).await
+        },
+    );
     let (stock, (price, report)) = tokio::join!(load_stock(&state, &sku), price_call);
 
     let mut headers = HeaderMap::new();

@@ -4,8 +4,9 @@
 //! stores nothing.
 //!
 //! Every call continues the caller's trace (`traceparent`, `x-request-id` metadata), answers with
-//! `traceresponse` and `x-request-id` metadata (unary calls add `server-timing`), is logged as one
-//! JSON event and counted in Prometheus. The caller's deadline (`grpc-timeout`) bounds the work of
+//! `traceresponse` and `x-request-id` metadata (unary calls add `server-timing` when the caller
+//! asks for it with [`SERVER_TIMING_REQUEST`]), is logged as one JSON event and counted in
+//! Prometheus. The caller's deadline (`grpc-timeout`) bounds the work of
 //! every method, streams included, and ends the call with `DEADLINE_EXCEEDED`; a caller that
 //! cancels stops the work (its stream task ends and logs it).
 //!
@@ -22,16 +23,17 @@
 //! ```
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use causeway_client::grpc::code_name;
-use causeway_core::server_timing::{self, TimingEntry};
+use causeway_core::server_timing::{self, SERVER_TIMING};
 use causeway_core::telemetry::{HistogramFamily, Metrics, latency_histogram};
 use causeway_core::tls::CertPaths;
-use causeway_core::trace_context::{REQUEST_ID, TraceContext};
+use causeway_core::trace_context::{REQUEST_ID, TRACEPARENT, TraceContext};
 use causeway_proto::pricing::v1::pricing_service_server::{PricingService, PricingServiceServer};
 use causeway_proto::pricing::v1::{
     BasketItem, Counter as CounterOffer, GetPriceRequest, Offer, Price, PriceUpdate, Quote,
@@ -42,6 +44,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use sqlx::Row;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -62,6 +65,10 @@ pub const SERVICE_NAME: &str = "pricing-service";
 pub const DEBUG_DELAY_METADATA: &str = "causeway-debug-delay-ms";
 /// Response metadata naming the caller's trace and this call's span (W3C Trace Context level 2).
 pub const TRACERESPONSE: HeaderName = HeaderName::from_static("traceresponse");
+/// Request metadata asking for `server-timing` metadata on unary answers (any value). Only callers
+/// that show or pass on the timings ask (Inventory Service, `causeway demo grpc`): formatting them
+/// and sending values that header compression cannot reuse cost every call.
+pub const SERVER_TIMING_REQUEST: &str = "causeway-server-timing";
 /// `Server-Timing` entry names in unary answers' `server-timing` metadata.
 pub const TIMING_DB: &str = "pricing-db";
 pub const TIMING_SERVICE: &str = "pricing-service";
@@ -146,6 +153,98 @@ impl Default for PricingMetrics {
             handled: Family::default(),
             duration: Family::new_with_constructor(latency_histogram),
             active_streams: Family::default(),
+        }
+    }
+}
+
+/// The service's methods, as logged and labelled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Method {
+    GetPrice,
+    StreamPrices,
+    QuoteBasket,
+    LivePricing,
+}
+
+impl Method {
+    const ALL: [Method; 4] = [
+        Method::GetPrice,
+        Method::StreamPrices,
+        Method::QuoteBasket,
+        Method::LivePricing,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Method::GetPrice => "GetPrice",
+            Method::StreamPrices => "StreamPrices",
+            Method::QuoteBasket => "QuoteBasket",
+            Method::LivePricing => "LivePricing",
+        }
+    }
+}
+
+/// gRPC status codes are 0 to 16.
+const STATUS_CODES: usize = 17;
+
+/// One method's series, looked up in the families at their first use and kept: a call then
+/// counts without building, hashing and looking up label sets. Series still appear in
+/// `/metrics` only once used, as before.
+struct MethodMetrics {
+    method: Method,
+    families: PricingMetrics,
+    duration: OnceLock<Histogram>,
+    active_streams: OnceLock<Gauge>,
+    handled: [OnceLock<Counter>; STATUS_CODES],
+}
+
+impl MethodMetrics {
+    fn new(method: Method, families: &PricingMetrics) -> Self {
+        Self {
+            method,
+            families: families.clone(),
+            duration: OnceLock::new(),
+            active_streams: OnceLock::new(),
+            handled: std::array::from_fn(|_| OnceLock::new()),
+        }
+    }
+
+    fn labels(&self) -> MethodLabels {
+        MethodLabels {
+            method: self.method.name().to_string(),
+        }
+    }
+
+    fn duration(&self) -> &Histogram {
+        self.duration
+            .get_or_init(|| self.families.duration.get_or_create(&self.labels()).clone())
+    }
+
+    fn active_streams(&self) -> &Gauge {
+        self.active_streams.get_or_init(|| {
+            self.families
+                .active_streams
+                .get_or_create(&self.labels())
+                .clone()
+        })
+    }
+
+    fn handled(&self, code: Code) -> Counter {
+        let create = || {
+            self.families
+                .handled
+                .get_or_create(&HandledLabels {
+                    method: self.method.name().to_string(),
+                    code: code_name(code).to_string(),
+                })
+                .clone()
+        };
+        match usize::try_from(i32::from(code))
+            .ok()
+            .and_then(|index| self.handled.get(index))
+        {
+            Some(slot) => slot.get_or_init(create).clone(),
+            None => create(),
         }
     }
 }
@@ -236,8 +335,8 @@ pub async fn serve(
     let pricing = PricingServiceServer::new(Pricing {
         inner: Arc::new(Inner {
             instance: app.instance.clone(),
+            methods: Method::ALL.map(|method| MethodMetrics::new(method, &app.metrics)),
             db: app.db,
-            metrics: app.metrics,
             stopping,
         }),
     })
@@ -456,12 +555,17 @@ async fn read_list_price(db: &Database, instance: &str, sku: &str) -> Result<Lis
 struct Inner {
     instance: String,
     db: Database,
-    metrics: PricingMetrics,
+    /// In the order of [`Method::ALL`].
+    methods: [MethodMetrics; 4],
     /// Set at shutdown: open streams end with `UNAVAILABLE`.
     stopping: watch::Receiver<bool>,
 }
 
 impl Inner {
+    fn metrics(&self, method: Method) -> &MethodMetrics {
+        &self.methods[method as usize]
+    }
+
     async fn list_price(&self, sku: &str) -> Result<ListPrice, Status> {
         read_list_price(&self.db, &self.instance, sku).await
     }
@@ -509,36 +613,44 @@ impl Inner {
 /// One call from start to end: its trace, deadline, log line and metrics. Dropped unfinished
 /// (tonic dropped the handler because the caller cancelled), it records `CANCELLED`.
 struct Call {
-    method: &'static str,
+    method: Method,
     trace: TraceContext,
+    /// The caller's `x-request-id`, when it is the one this call goes by: answered as it came.
+    request_id: Option<HeaderValue>,
     started: std::time::Instant,
     deadline: Option<Instant>,
-    metrics: PricingMetrics,
-    instance: String,
+    inner: Arc<Inner>,
     streaming: bool,
     finished: bool,
 }
 
 impl Call {
-    fn begin(inner: &Inner, method: &'static str, metadata: &MetadataMap, streaming: bool) -> Self {
+    fn begin(inner: &Arc<Inner>, method: Method, metadata: &MetadataMap, streaming: bool) -> Self {
         let received = Instant::now();
-        let trace = TraceContext::continue_from(&metadata.clone().into_headers());
+        // Only the two headers the trace context reads, not a copy of all the metadata.
+        let mut headers = HeaderMap::with_capacity(2);
+        for name in [TRACEPARENT, REQUEST_ID] {
+            if let Some(Ok(value)) = metadata
+                .get(name.as_str())
+                .map(|value| HeaderValue::from_bytes(value.as_bytes()))
+            {
+                headers.insert(name, value);
+            }
+        }
+        let trace = TraceContext::continue_from(&headers);
+        let request_id = headers
+            .remove(REQUEST_ID)
+            .filter(|value| value.as_bytes() == trace.request_id.as_bytes());
         if streaming {
-            inner
-                .metrics
-                .active_streams
-                .get_or_create(&MethodLabels {
-                    method: method.to_string(),
-                })
-                .inc();
+            inner.metrics(method).active_streams().inc();
         }
         Self {
             method,
             trace,
+            request_id,
             started: std::time::Instant::now(),
             deadline: call_deadline(metadata, received),
-            metrics: inner.metrics.clone(),
-            instance: inner.instance.clone(),
+            inner: inner.clone(),
             streaming,
             finished: false,
         }
@@ -546,13 +658,22 @@ impl Call {
 
     /// `traceresponse` and `x-request-id`, for the response's metadata.
     fn response_headers(&self) -> HeaderMap {
-        let mut headers = HeaderMap::new();
+        let mut headers = HeaderMap::with_capacity(4);
         let flags = if self.trace.sampled { "01" } else { "00" };
-        let value = format!("00-{}-{}-{flags}", self.trace.trace_id, self.trace.span_id);
-        if let Ok(value) = HeaderValue::from_str(&value) {
+        let mut value = String::with_capacity(55);
+        let _ = write!(
+            value,
+            "00-{}-{}-{flags}",
+            self.trace.trace_id, self.trace.span_id
+        );
+        if let Ok(value) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
             headers.insert(TRACERESPONSE, value);
         }
-        if let Ok(value) = HeaderValue::from_str(&self.trace.request_id) {
+        let request_id = match &self.request_id {
+            Some(value) => Ok(value.clone()),
+            None => HeaderValue::from_str(&self.trace.request_id),
+        };
+        if let Ok(value) = request_id {
             headers.insert(REQUEST_ID, value);
         }
         headers
@@ -565,29 +686,18 @@ impl Call {
     fn record(&mut self, code: Code, detail: &str) {
         self.finished = true;
         let elapsed = self.started.elapsed();
-        let method = MethodLabels {
-            method: self.method.to_string(),
-        };
-        self.metrics
-            .handled
-            .get_or_create(&HandledLabels {
-                method: self.method.to_string(),
-                code: code_name(code).to_string(),
-            })
-            .inc();
-        self.metrics
-            .duration
-            .get_or_create(&method)
-            .observe(elapsed.as_secs_f64());
+        let metrics = self.inner.metrics(self.method);
+        metrics.handled(code).inc();
+        metrics.duration().observe(elapsed.as_secs_f64());
         if self.streaming {
-            self.metrics.active_streams.get_or_create(&method).dec();
+            metrics.active_streams().dec();
         }
         tracing::info!(
-            request_id = %self.trace.request_id,
+            request_id = self.trace.request_id.as_str(),
             trace_id = %self.trace.trace_id,
             span_id = %self.trace.span_id,
-            instance = %self.instance,
-            method = self.method,
+            instance = self.inner.instance.as_str(),
+            method = self.method.name(),
             status = code_name(code),
             elapsed_ms = elapsed.as_secs_f64() * 1000.0,
             detail,
@@ -610,29 +720,28 @@ struct Pricing {
 }
 
 impl Pricing {
-    /// Runs a call with a single answer: within the deadline, logged and counted, with trace and
-    /// timing metadata on the answer.
+    /// Runs a call with a single answer: within the deadline, logged and counted, with trace
+    /// metadata on the answer, and timing metadata if the caller asked for it (`work` answers
+    /// its own entry, if any, only then).
     async fn unary<T>(
         &self,
-        method: &'static str,
+        method: Method,
         metadata: &MetadataMap,
-        work: impl Future<Output = Result<(T, Vec<TimingEntry>, String), Status>>,
+        work: impl Future<Output = Result<(T, Option<HeaderValue>, String), Status>>,
     ) -> Result<Response<T>, Status> {
         let call = Call::begin(&self.inner, method, metadata, false);
-        match within(call.deadline, method, work).await {
-            Ok((message, timings, detail)) => {
+        match within(call.deadline, method.name(), work).await {
+            Ok((message, timing, detail)) => {
                 let mut headers = call.response_headers();
-                for entry in &timings {
-                    server_timing::append(&mut headers, entry);
-                }
-                server_timing::append(
-                    &mut headers,
-                    &TimingEntry::new(
+                if wants_timing(metadata) {
+                    headers.extend(timing.map(|value| (SERVER_TIMING, value)));
+                    let service = server_timing::entry_value(
                         TIMING_SERVICE,
                         call.started.elapsed(),
-                        format!("{} {method}", self.inner.instance),
-                    ),
-                );
+                        format_args!("{} {}", self.inner.instance, method.name()),
+                    );
+                    headers.extend(service.map(|value| (SERVER_TIMING, value)));
+                }
                 call.finish(Code::Ok, &detail);
                 Ok(Response::from_parts(
                     MetadataMap::from_headers(headers),
@@ -651,31 +760,40 @@ impl Pricing {
         &self,
         sku: String,
         delay: Duration,
-    ) -> Result<(Price, Vec<TimingEntry>, String), Status> {
+        timing: bool,
+    ) -> Result<(Price, Option<HeaderValue>, String), Status> {
         check_sku(&sku)?;
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
         let db_started = std::time::Instant::now();
         let list = self.inner.list_price(&sku).await?;
-        let timing = TimingEntry::new(
-            TIMING_DB,
-            db_started.elapsed(),
-            format!(
-                "{} read the price of {sku} from {}",
-                self.inner.instance, self.inner.db.url
-            ),
-        );
-        let price = self
-            .inner
-            .price(&list, list.unit_price_cents, list.updated_at);
-        Ok((price, vec![timing], sku))
+        let timing = timing
+            .then(|| {
+                server_timing::entry_value(
+                    TIMING_DB,
+                    db_started.elapsed(),
+                    format_args!(
+                        "{} read the price of {sku} from {}",
+                        self.inner.instance, self.inner.db.url
+                    ),
+                )
+            })
+            .flatten();
+        let price = Price {
+            sku: list.sku,
+            currency: list.currency,
+            unit_price_cents: list.unit_price_cents,
+            updated_at: list.updated_at,
+            served_by: self.inner.instance.clone(),
+        };
+        Ok((price, timing, sku))
     }
 
     async fn quote_work(
         &self,
         mut items: Streaming<BasketItem>,
-    ) -> Result<(Quote, Vec<TimingEntry>, String), Status> {
+    ) -> Result<(Quote, Option<HeaderValue>, String), Status> {
         let mut prices = HashMap::new();
         let mut lines: Vec<QuoteLine> = Vec::new();
         let mut currency: Option<String> = None;
@@ -742,7 +860,7 @@ impl Pricing {
             units,
             served_by: self.inner.instance.clone(),
         };
-        Ok((quote, Vec::new(), detail))
+        Ok((quote, None, detail))
     }
 
     fn check_stream_request(request: &StreamPricesRequest) -> Result<(), Status> {
@@ -903,6 +1021,10 @@ fn counter_offer(offer: &Offer, list_cents: i64, round: u32) -> CounterOffer {
     }
 }
 
+fn wants_timing(metadata: &MetadataMap) -> bool {
+    metadata.contains_key(SERVER_TIMING_REQUEST)
+}
+
 fn debug_delay(metadata: &MetadataMap) -> Result<Duration, Status> {
     let Some(value) = metadata.get(DEBUG_DELAY_METADATA) else {
         return Ok(Duration::ZERO);
@@ -929,8 +1051,9 @@ impl PricingService for Pricing {
     ) -> Result<Response<Price>, Status> {
         let delay = debug_delay(request.metadata());
         let (metadata, _, message) = request.into_parts();
-        self.unary("GetPrice", &metadata, async move {
-            self.get_price_work(message.sku, delay?).await
+        let timing = wants_timing(&metadata);
+        self.unary(Method::GetPrice, &metadata, async move {
+            self.get_price_work(message.sku, delay?, timing).await
         })
         .await
     }
@@ -942,7 +1065,7 @@ impl PricingService for Pricing {
         request: Request<StreamPricesRequest>,
     ) -> Result<Response<Self::StreamPricesStream>, Status> {
         let (metadata, _, request) = request.into_parts();
-        let call = Call::begin(&self.inner, "StreamPrices", &metadata, true);
+        let call = Call::begin(&self.inner, Method::StreamPrices, &metadata, true);
         let setup = within(call.deadline, "StreamPrices", async {
             Self::check_stream_request(&request)?;
             let mut lists = Vec::with_capacity(request.skus.len());
@@ -979,7 +1102,7 @@ impl PricingService for Pricing {
         request: Request<Streaming<BasketItem>>,
     ) -> Result<Response<Quote>, Status> {
         let (metadata, _, items) = request.into_parts();
-        self.unary("QuoteBasket", &metadata, self.quote_work(items))
+        self.unary(Method::QuoteBasket, &metadata, self.quote_work(items))
             .await
     }
 
@@ -990,7 +1113,7 @@ impl PricingService for Pricing {
         request: Request<Streaming<Offer>>,
     ) -> Result<Response<Self::LivePricingStream>, Status> {
         let (metadata, _, offers) = request.into_parts();
-        let call = Call::begin(&self.inner, "LivePricing", &metadata, true);
+        let call = Call::begin(&self.inner, Method::LivePricing, &metadata, true);
         let this = self.clone();
         let deadline = call.deadline;
         Ok(stream_in_background(

@@ -350,6 +350,10 @@ async fn get_price_answers_validates_and_continues_the_trace() {
 
     let mut request = get_price("SKU-0001");
     causeway_client::grpc::inject_trace(request.metadata_mut(), &parent_trace());
+    request.metadata_mut().insert(
+        pricing::SERVER_TIMING_REQUEST,
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
     let response = client.get_price(request).await.expect("GetPrice");
     let metadata = response.metadata().clone();
     let price = response.into_inner();
@@ -383,6 +387,34 @@ async fn get_price_answers_validates_and_continues_the_trace() {
     let timings = causeway_core::server_timing::parse(&metadata.clone().into_headers());
     let names: Vec<&str> = timings.iter().map(|t| t.name.as_str()).collect();
     assert_eq!(names, ["pricing-db", "pricing-service"], "{timings:?}");
+    let db = timings[0].description.as_deref().unwrap_or_default();
+    assert!(
+        db.starts_with("pricing-service-1 read the price of SKU-0001 from "),
+        "{db}"
+    );
+    assert_eq!(
+        timings[1].description.as_deref(),
+        Some("pricing-service-1 GetPrice")
+    );
+
+    // Without the request for them, the answer has no timings, but its trace metadata still.
+    let mut request = get_price("SKU-0002");
+    causeway_client::grpc::inject_trace(request.metadata_mut(), &parent_trace());
+    let plain = client.get_price(request).await.expect("GetPrice");
+    assert_eq!(plain.get_ref().sku, "SKU-0002");
+    assert!(
+        plain.metadata().get("server-timing").is_none(),
+        "{:?}",
+        plain.metadata()
+    );
+    assert_eq!(
+        plain
+            .metadata()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok()),
+        Some("test-req-7")
+    );
+    assert!(plain.metadata().get("traceresponse").is_some());
 
     for bad in ["SKU-1", "sku-0001", "", "SKU-00011", "SKU-12a4"] {
         expect_status(
@@ -409,7 +441,7 @@ async fn get_price_answers_validates_and_continues_the_trace() {
     let handled = "causeway_grpc_server_handled_total";
     assert_eq!(
         instance.counter(handled, "method=\"GetPrice\",code=\"OK\""),
-        1.0
+        2.0
     );
     assert_eq!(
         instance.counter(handled, "method=\"GetPrice\",code=\"INVALID_ARGUMENT\""),
@@ -424,7 +456,7 @@ async fn get_price_answers_validates_and_continues_the_trace() {
             "causeway_grpc_server_handling_seconds_count",
             "method=\"GetPrice\""
         ),
-        8.0
+        9.0
     );
 }
 
