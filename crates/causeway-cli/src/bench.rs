@@ -269,8 +269,12 @@ pub async fn grpc(options: &BenchOptions) -> anyhow::Result<String> {
 }
 
 async fn run_grpc(dir: &Path, options: &BenchOptions) -> anyhow::Result<String> {
-    // Call logs go to a file, as they do under `causeway up`, so their cost is counted.
-    causeway_core::telemetry::init_logging_to_file(&dir.join("pricing.log"))?;
+    // Call logs go to a file, one write per line on the serving thread, as the services' stderr
+    // does under `causeway up`, so their cost is counted: the guard is dropped at once, which
+    // makes the writer unbuffered (a buffered writer's thread is not counted as server CPU).
+    drop(causeway_core::telemetry::init_logging_to_file(
+        &dir.join("pricing.log"),
+    )?);
     let ca = LocalCa::load_or_create(&dir.join("tls"))?;
     let certs = ca.issue(
         "pricing-service",
