@@ -332,9 +332,13 @@ async fn start_reverse_proxy(
     let table = RouteTable::load(&config.routes, &config.ingress)?;
     let first = Gateway::with_routes(launch.instance(), config, table, &key, client, http);
     first.register_upstream_metrics(metrics.registry_mut());
+    let gateway_limits = first.limits().clone();
+    // Shared by the workers: max_connections holds for the instance.
+    let connections =
+        causeway_proxy::hygiene::ConnectionLimiter::new(gateway_limits.max_connections);
+    connections.register(metrics.registry_mut());
     let mut tasks = announce(launch, listen, admin, metrics, &shutdown).await?;
     tasks.extend(first.spawn_health_checkers(&shutdown));
-    let gateway_limits = first.limits().clone();
     tracing::info!(source = first.route_source(), "routes loaded");
     let gateway = Arc::new(Reloadable::new(first));
     tasks.push(tokio::spawn(watch_configuration(
@@ -365,8 +369,6 @@ async fn start_reverse_proxy(
         })
     };
     let limits = gateway_limits;
-    // Shared by the workers: max_connections holds for the instance.
-    let connections = causeway_proxy::hygiene::ConnectionLimiter::new(limits.max_connections);
     // nginx's model: each worker thread accepts on its own listener and serves its connections
     // on its own single-threaded runtime; the gateway is shared. The tasks above (admin,
     // registration, health checks, reloads) stay on this runtime. On SIGTERM every worker stops

@@ -165,25 +165,30 @@ async fn rest_request_travels_every_hop_and_comes_back() {
     }
 
     // Metrics: the instance that served counts the request under its route.
-    let order_admin = state
-        .components
-        .iter()
-        .find(|c| c.instance == "order-service-1")
-        .unwrap()
-        .admin
-        .unwrap();
-    let (code, metrics) = causeway_client::plain_http::request(
-        Method::GET,
-        order_admin,
-        "/metrics",
-        None,
-        Duration::from_secs(2),
-    )
-    .await
-    .unwrap();
-    assert_eq!(code, StatusCode::OK);
-    let metrics = String::from_utf8_lossy(&metrics);
+    let metrics = system.metrics("order-service-1").await;
     assert!(metrics.contains("causeway_http_requests_total{component=\"order-service\",instance=\"order-service-1\",route=\"/orders\",method=\"GET\",status=\"200\"}"), "{metrics}");
+    // The reverse proxies export their open connections, and the one that forwarded the request
+    // its attempts and requests in flight per User Service instance.
+    let mut proxies_metrics = String::new();
+    for proxy in ["reverse-proxy-1", "reverse-proxy-2"] {
+        let body = system.metrics(proxy).await;
+        assert!(
+            body.contains("causeway_proxy_connections_open{"),
+            "{proxy}: {body}"
+        );
+        proxies_metrics.push_str(&body);
+    }
+    for family in [
+        "causeway_upstream_in_flight{",
+        "causeway_upstream_attempts_total{",
+    ] {
+        assert!(
+            proxies_metrics
+                .lines()
+                .any(|line| line.starts_with(family) && line.contains("user-service")),
+            "no {family} for user-service: {proxies_metrics}"
+        );
+    }
 
     // Trace context: the caller's trace id reaches Order Service's log, two hops away, and the
     // request id the edge returns is in every hop's log.
@@ -888,39 +893,19 @@ async fn emails_become_notifications_and_failures_end_in_the_dead_letter_queue()
     );
 
     // Metrics: how Email Service published, how Notification Service settled, what the broker did.
-    let state = system.state();
-    let metrics_of = async |instance: &str| {
-        let admin = state
-            .components
-            .iter()
-            .find(|c| c.instance == instance)
-            .and_then(|c| c.admin)
-            .expect("admin address");
-        let (code, body) = causeway_client::plain_http::request(
-            Method::GET,
-            admin,
-            "/metrics",
-            None,
-            Duration::from_secs(2),
-        )
-        .await
-        .expect("metrics");
-        assert_eq!(code, StatusCode::OK);
-        String::from_utf8_lossy(&body).to_string()
-    };
-    let email = metrics_of("email-service-1").await;
+    let email = system.metrics("email-service-1").await;
     assert!(
         email.contains("queue_publisher_messages_total{")
             && email.contains("outcome=\"confirmed\""),
         "{email}"
     );
-    let notification = metrics_of("notification-service-1").await;
+    let notification = system.metrics("notification-service-1").await;
     assert!(
         notification.contains("outcome=\"dead_lettered\"")
             && notification.contains("outcome=\"acked\""),
         "{notification}"
     );
-    let broker = metrics_of("broker-1").await;
+    let broker = system.metrics("broker-1").await;
     assert!(broker.contains("notification-queue"), "{broker}");
 }
 

@@ -485,6 +485,38 @@ impl ConnectionLimiter {
     pub fn active(&self) -> usize {
         self.max - self.permits.available_permits()
     }
+
+    /// Exports `proxy_connections_open` and `proxy_connections_max`, read from the permits at
+    /// scrape time.
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register_collector(Box::new(self.clone()));
+    }
+}
+
+impl prometheus_client::collector::Collector for ConnectionLimiter {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        for (name, help, value) in [
+            (
+                "proxy_connections_open",
+                "Client connections open now",
+                self.active(),
+            ),
+            (
+                "proxy_connections_max",
+                "Client connections allowed at once (limits.max_connections)",
+                self.max,
+            ),
+        ] {
+            let gauge = ConstGauge::new(value as i64);
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        Ok(())
+    }
 }
 
 /// The serve loop's admission: one permit per open connection.

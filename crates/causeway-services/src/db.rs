@@ -91,6 +91,10 @@ pub async fn connect(
     let pool = AnyPoolOptions::new()
         .max_connections(if is_sqlite { 4 } else { 8 })
         .acquire_timeout(Duration::from_secs(3))
+        // A pooled SQLite connection is a file handle that cannot go stale; pinging it before
+        // every query only cost each lookup a second round trip to its worker thread. A server
+        // connection can die while idle, so PostgreSQL keeps the check.
+        .test_before_acquire(!is_sqlite)
         .after_connect(move |connection, _| {
             Box::pin(async move {
                 if is_sqlite {

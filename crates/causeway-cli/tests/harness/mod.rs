@@ -193,6 +193,28 @@ impl System {
             .unwrap_or_else(|err| panic!("status --json is JSON ({err}): {output:?}"))
     }
 
+    /// The Prometheus text an instance (`order-service-1`) serves on its admin `/metrics`.
+    pub async fn metrics(&self, instance: &str) -> String {
+        let admin = self
+            .state()
+            .components
+            .iter()
+            .find(|component| component.instance == instance)
+            .and_then(|component| component.admin)
+            .unwrap_or_else(|| panic!("{instance} has no admin address"));
+        let (code, body) = causeway_client::plain_http::request(
+            Method::GET,
+            admin,
+            "/metrics",
+            None,
+            Duration::from_secs(2),
+        )
+        .await
+        .unwrap_or_else(|err| panic!("metrics of {instance}: {err}"));
+        assert_eq!(code, http::StatusCode::OK, "metrics of {instance}");
+        String::from_utf8_lossy(&body).into_owned()
+    }
+
     /// `GET path` through the edge, with `Authorization: Bearer token` if given.
     pub async fn get(&self, path: &str, token: Option<&str>) -> EdgeResponse {
         let mut headers = HeaderMap::new();

@@ -594,6 +594,18 @@ async fn over_limit_connections_get_503() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let limiter = ConnectionLimiter::new(1);
+    let mut registry = prometheus_client::registry::Registry::default();
+    limiter.register(&mut registry);
+    let open_connections = move || {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(text.contains("proxy_connections_max 1"), "{text}");
+        text.lines()
+            .find_map(|line| line.strip_prefix("proxy_connections_open "))
+            .map(|value| value.to_string())
+            .unwrap_or_else(|| panic!("no proxy_connections_open in {text}"))
+    };
+    assert_eq!(open_connections(), "0");
     tokio::spawn(async move {
         while let Ok((stream, peer)) = listener.accept().await {
             match limiter.try_acquire(peer) {
@@ -622,6 +634,11 @@ async fn over_limit_connections_get_503() {
     let answer = exchange(addr, NORMAL).await;
     assert_eq!(status_of(&answer), 503, "{answer}");
     assert!(answer.contains("too_many_connections"), "{answer}");
+    assert_eq!(
+        open_connections(),
+        "1",
+        "the held connection, not the refused one"
+    );
     drop(held);
     // The slot frees once the held connection ends.
     let mut answer = String::new();

@@ -38,16 +38,18 @@ mod retry;
 #[cfg(test)]
 mod tests;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use causeway_core::serve::Shutdown;
 use http::{HeaderMap, Method};
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
 use tokio::task::JoinHandle;
 
@@ -122,6 +124,53 @@ pub struct UpstreamMetrics {
     pub healthy: Family<EndpointLabels, Gauge>,
     pub retries: Family<UpstreamLabels, Counter>,
     pub retry_budget_exhausted: Family<UpstreamLabels, Counter>,
+    /// The upstreams built with these metrics, read at scrape time for their requests in flight
+    /// (each endpoint already counts them for least-request balancing, so a request pays nothing
+    /// more for the metric).
+    live: Arc<Mutex<Vec<Weak<Inner>>>>,
+}
+
+/// `upstream_in_flight`: requests in flight per endpoint, from the live upstreams at scrape time.
+#[derive(Debug)]
+struct InFlightCollector {
+    live: Arc<Mutex<Vec<Weak<Inner>>>>,
+}
+
+impl Collector for InFlightCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let upstreams: Vec<Arc<Inner>> = {
+            let mut live = lock(&self.live);
+            live.retain(|upstream| upstream.strong_count() > 0);
+            live.iter().filter_map(Weak::upgrade).collect()
+        };
+        // Summed per label set: after a reload an old and a new upstream of the same name may
+        // both be live until the old one's requests have finished.
+        let mut in_flight: BTreeMap<(String, String), i64> = BTreeMap::new();
+        for upstream in &upstreams {
+            let set = upstream
+                .set
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .clone();
+            for endpoint in &set.endpoints {
+                *in_flight
+                    .entry((upstream.name.to_string(), endpoint.id().to_string()))
+                    .or_default() += endpoint.in_flight() as i64;
+            }
+        }
+        let gauge = ConstGauge::new(0i64);
+        let mut family = encoder.encode_descriptor(
+            "upstream_in_flight",
+            "Requests in flight per upstream endpoint",
+            None,
+            gauge.metric_type(),
+        )?;
+        for ((upstream, endpoint), value) in in_flight {
+            let labels = EndpointLabels { upstream, endpoint };
+            ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
 }
 
 impl UpstreamMetrics {
@@ -151,6 +200,15 @@ impl UpstreamMetrics {
             "Retries refused because the upstream's retry budget was spent",
             self.retry_budget_exhausted.clone(),
         );
+        registry.register_collector(Box::new(InFlightCollector {
+            live: self.live.clone(),
+        }));
+    }
+
+    fn track(&self, upstream: &Arc<Inner>) {
+        let mut live = lock(&self.live);
+        live.retain(|upstream| upstream.strong_count() > 0);
+        live.push(Arc::downgrade(upstream));
     }
 
     fn labels(endpoint: &Endpoint) -> EndpointLabels {
@@ -242,6 +300,7 @@ impl Upstream {
             }),
         };
         upstream.update(endpoints)?;
+        upstream.inner.metrics.track(&upstream.inner);
         Ok(upstream)
     }
 

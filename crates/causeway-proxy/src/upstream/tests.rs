@@ -483,6 +483,56 @@ fn retry_session_counts_into_upstream_metrics() {
     );
 }
 
+#[test]
+fn requests_in_flight_per_endpoint_are_exported_at_scrape_time() {
+    let metrics = UpstreamMetrics::default();
+    let mut registry = prometheus_client::registry::Registry::default();
+    metrics.register(&mut registry);
+    let scrape = |registry: &prometheus_client::registry::Registry| {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+        text
+    };
+    let config = UpstreamConfig {
+        balance: BalancePolicy::RoundRobin,
+        ..UpstreamConfig::default()
+    };
+    let orders = Upstream::with_metrics("orders", config, specs(&["a", "b"]), metrics.clone())
+        .expect("upstream");
+    let now = Instant::now();
+    let first = orders.pick_at(&HeaderMap::new(), now).expect("an endpoint");
+    let second = orders.pick_at(&HeaderMap::new(), now).expect("an endpoint");
+    let third = orders.pick_at(&HeaderMap::new(), now).expect("an endpoint");
+    let busy = first.endpoint().id().to_string();
+    assert_eq!(third.endpoint().id(), busy, "round robin comes back to it");
+    let idle = second.endpoint().id().to_string();
+    drop(second);
+    let text = scrape(&registry);
+    assert!(
+        text.contains(&format!(
+            "upstream_in_flight{{upstream=\"orders\",endpoint=\"{busy}\"}} 2"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "upstream_in_flight{{upstream=\"orders\",endpoint=\"{idle}\"}} 0"
+        )),
+        "{text}"
+    );
+    drop((first, third));
+    let text = scrape(&registry);
+    assert!(
+        text.contains(&format!(
+            "upstream_in_flight{{upstream=\"orders\",endpoint=\"{busy}\"}} 0"
+        )),
+        "{text}"
+    );
+    // A dropped upstream leaves the metric.
+    drop(orders);
+    assert!(!scrape(&registry).contains("upstream_in_flight{upstream=\"orders\""));
+}
+
 /// A tiny HTTP/1.1 server answering every request with the status in `status`.
 async fn status_server(status: Arc<AtomicU16>) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
