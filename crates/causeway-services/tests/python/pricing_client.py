@@ -65,6 +65,8 @@ def main():
     metadata = [
         ("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01"),
         ("x-request-id", "python-req-1"),
+        # Pricing answers Server-Timing only when asked (any value).
+        ("causeway-server-timing", "1"),
     ]
     price, call = stub.GetPrice.with_call(
         pb.GetPriceRequest(sku="SKU-0001"), metadata=metadata, timeout=5
