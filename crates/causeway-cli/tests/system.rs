@@ -76,6 +76,21 @@ fn edge_load(
     })
 }
 
+/// Waits for the `edge_load` workers and checks the load ran (more than 20 requests); returns
+/// how many requests were sent and the statuses of those that did not get a 200 (0: no answer).
+async fn finished_load(
+    workers: impl IntoIterator<Item = tokio::task::JoinHandle<Vec<u16>>>,
+) -> (usize, Vec<u16>) {
+    let mut statuses = Vec::new();
+    for worker in workers {
+        statuses.extend(worker.await.expect("load worker"));
+    }
+    assert!(statuses.len() > 20, "the load ran: {statuses:?}");
+    let sent = statuses.len();
+    statuses.retain(|status| *status != 200);
+    (sent, statuses)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rest_request_travels_every_hop_and_comes_back() {
     let system = System::start(test_topology());
@@ -362,21 +377,11 @@ async fn a_killed_order_instance_costs_no_request_and_rejoins() {
         "status shows the killed instance down or restarted"
     );
 
-    let mut statuses = Vec::new();
-    for worker in workers {
-        statuses.extend(worker.await.unwrap());
-    }
-    let failed: Vec<_> = statuses.iter().filter(|s| **s != 200).collect();
-    assert!(
-        statuses.len() > 20,
-        "the load ran: {} requests",
-        statuses.len()
-    );
+    let (sent, failed) = finished_load(workers).await;
     assert!(
         failed.is_empty(),
-        "{} of {} requests failed: {failed:?}",
-        failed.len(),
-        statuses.len()
+        "{} of {sent} requests failed: {failed:?}",
+        failed.len()
     );
 
     let rejoined = eventually(Duration::from_secs(20), async || {
@@ -1020,17 +1025,12 @@ async fn a_killed_reverse_proxy_costs_only_its_open_connections() {
         .collect();
     tokio::time::sleep(Duration::from_millis(800)).await;
     signal(victim, Signal::SIGKILL);
-    let mut statuses = Vec::new();
-    for worker in workers {
-        statuses.extend(worker.await.unwrap());
-    }
-    let failed = statuses.iter().filter(|s| **s != 200).count();
-    assert!(statuses.len() > 20, "the load ran: {statuses:?}");
+    let (sent, failed) = finished_load(workers).await;
     // At most the one connection each worker had open when the proxy died.
     assert!(
-        failed <= 2,
-        "{failed} of {} requests failed",
-        statuses.len()
+        failed.len() <= 2,
+        "{} of {sent} requests failed: {failed:?}",
+        failed.len()
     );
 }
 
@@ -1087,17 +1087,11 @@ async fn ingress_routes_reload_under_load_without_failed_requests() {
     .await;
     assert!(served.is_some(), "the added route serves after the reload");
 
-    let mut statuses = Vec::new();
-    for worker in workers {
-        statuses.extend(worker.await.unwrap());
-    }
-    let failed: Vec<_> = statuses.iter().filter(|s| **s != 200).collect();
-    assert!(statuses.len() > 20, "the load ran: {}", statuses.len());
+    let (sent, failed) = finished_load(workers).await;
     assert!(
         failed.is_empty(),
-        "{} of {} requests failed during reloads: {failed:?}",
-        failed.len(),
-        statuses.len()
+        "{} of {sent} requests failed during reloads: {failed:?}",
+        failed.len()
     );
     let log = std::fs::read_to_string(system.data().log("reverse-proxy-1")).unwrap_or_default();
     assert!(
@@ -1254,21 +1248,11 @@ async fn a_killed_instance_behind_an_edge_route_costs_no_request() {
     ];
     tokio::time::sleep(Duration::from_secs(1)).await;
     signal(old_pid, Signal::SIGKILL);
-    let mut statuses = Vec::new();
-    for worker in workers {
-        statuses.extend(worker.await.unwrap());
-    }
-    let failed: Vec<_> = statuses.iter().filter(|s| **s != 200).collect();
-    assert!(
-        statuses.len() > 20,
-        "the load ran: {} requests",
-        statuses.len()
-    );
+    let (sent, failed) = finished_load(workers).await;
     assert!(
         failed.is_empty(),
-        "{} of {} requests failed: {failed:?}",
-        failed.len(),
-        statuses.len()
+        "{} of {sent} requests failed: {failed:?}",
+        failed.len()
     );
 
     let back = eventually(Duration::from_secs(30), async || {
