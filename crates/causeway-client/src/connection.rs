@@ -15,6 +15,8 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+use crate::coalesce::CoalescedWrites;
+
 /// Request bodies: buffered ones (retryable) and streamed ones (gRPC through the edge) alike.
 pub type RequestBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -128,7 +130,7 @@ impl Connections {
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
-            .handshake(TokioIo::new(tls))
+            .handshake(TokioIo::new(CoalescedWrites::new(tls)))
             .await
             .map_err(|err| ConnectError::Handshake {
                 addr,

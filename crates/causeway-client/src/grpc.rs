@@ -1,8 +1,8 @@
 //! [`GrpcBalancer`]: gRPC calls to a service by name, balanced per request over its live instances.
 //!
-//! One [`tonic::transport::Channel`] per service, built with [`Channel::balance_channel`]: every
-//! call (not every connection) picks an instance (tower's power-of-two-choices over the instances'
-//! HTTP/2 connections, each TLS-verified against the local CA as `<service>.<zone>`). A background
+//! One [`GrpcChannel`] per service: every call (not every connection) picks an instance
+//! (power of two choices by requests in flight, over the instances' HTTP/2 connections, each
+//! TLS-verified against the local CA as `<service>.<zone>`; see [`channel`]). A background
 //! task keeps the channel's instance set equal to what discovery lists, re-resolving the
 //! `_https._tcp.<service>.<zone>` SRV record every [`REFRESH_INTERVAL`] (the records' TTL) and on
 //! demand.
@@ -19,8 +19,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,33 +30,32 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tonic::metadata::MetadataMap;
-use tonic::transport::channel::Change;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 use tonic::{Code, Status};
 
 use crate::client::ClientSettings;
+use crate::connection::Connections;
 use crate::discovery::{Discovery, Endpoint, ResolveError};
+
+mod channel;
+
+pub use channel::GrpcChannel;
+use channel::{Member, Snapshot};
 
 /// How often the instance set is re-resolved: the TTL of discovery's records.
 pub const REFRESH_INTERVAL: Duration = Duration::from_secs(1);
-/// Pending instance-set changes the channel has not yet applied (it applies them on its next call).
-const CHANGE_BUFFER: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GrpcClientError {
-    #[error("cannot read the CA certificate {path}: {source}")]
-    ReadCa {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("invalid TLS configuration for {service}: {source}")]
+    #[error("TLS configuration for {service}: {source}")]
     Tls {
         service: String,
-        source: tonic::transport::Error,
+        source: Box<causeway_core::tls::TlsError>,
     },
+    #[error("{name} is not a usable host name")]
+    BadName { name: String },
     #[error(transparent)]
     Discovery(#[from] ResolveError),
     #[error("{service}: {wanted} instance(s) not discovered within {waited:?} (have {have})")]
@@ -95,14 +93,6 @@ pub struct GrpcCallReport {
     /// Instances in rotation when the call started.
     pub instances: usize,
     pub elapsed: Duration,
-}
-
-/// The instances in rotation, and how many refreshes (and probing refreshes) produced it.
-#[derive(Clone, Debug, Default)]
-struct Snapshot {
-    endpoints: Vec<Endpoint>,
-    refreshes: u64,
-    probes: u64,
 }
 
 struct Shared {
@@ -169,7 +159,7 @@ impl GrpcClientMetrics {
 pub struct GrpcBalancer {
     service: String,
     server_name: String,
-    channel: Channel,
+    channel: GrpcChannel,
     config: ClientConfig,
     shared: Arc<Shared>,
     task: tokio::task::JoinHandle<()>,
@@ -205,37 +195,31 @@ impl GrpcBalancer {
     ) -> Result<Self, GrpcClientError> {
         let discovery = Discovery::new(settings.dns_addr, &settings.zone)?;
         let server_name = discovery.host_name(service);
-        let ca = std::fs::read(ca_path).map_err(|source| GrpcClientError::ReadCa {
-            path: ca_path.to_path_buf(),
-            source,
-        })?;
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(ca))
-            .domain_name(server_name.clone());
-        let builder = EndpointBuilder {
-            tls,
-            connect_timeout: Duration::from_millis(settings.config.connect_timeout_ms),
-        };
-        // Fails here, not on the first discovered instance, if the CA is unusable.
-        let probe_addr = SocketAddr::from(([127, 0, 0, 1], 1));
-        builder
-            .build(probe_addr)
-            .map_err(|source| GrpcClientError::Tls {
+        let tls =
+            causeway_core::tls::client_config(ca_path).map_err(|source| GrpcClientError::Tls {
                 service: service.to_string(),
-                source,
+                source: Box::new(source),
             })?;
-
-        let (channel, changes) = Channel::balance_channel::<Endpoint>(CHANGE_BUFFER);
+        let authority = server_name.parse().map_err(|_| GrpcClientError::BadName {
+            name: server_name.clone(),
+        })?;
+        let connect_timeout = Duration::from_millis(settings.config.connect_timeout_ms);
         let shared = Arc::new(Shared {
             snapshot: watch::Sender::new(Snapshot::default()),
             probe: Notify::new(),
         });
+        let channel = GrpcChannel::new(
+            service,
+            authority,
+            Connections::new(tls, connect_timeout),
+            shared.snapshot.subscribe(),
+        );
         let metrics = GrpcClientMetrics::register(metrics);
         let follower = Follower {
             service: service.to_string(),
             discovery,
-            builder,
-            changes,
+            channel: channel.clone(),
+            connect_timeout,
             shared: shared.clone(),
             backoff: Duration::from_millis(settings.config.endpoint_backoff_ms),
             endpoints_gauge: metrics
@@ -268,13 +252,19 @@ impl GrpcBalancer {
 
     /// The balanced channel: cheap to clone; every request on it picks an instance. Use it
     /// directly for streaming calls (with [`inject_trace`] and `Request::set_timeout`).
-    pub fn channel(&self) -> Channel {
+    pub fn channel(&self) -> GrpcChannel {
         self.channel.clone()
     }
 
     /// The instances in rotation now (sorted by instance name).
     pub fn endpoints(&self) -> Vec<Endpoint> {
-        self.shared.snapshot.borrow().endpoints.clone()
+        self.shared
+            .snapshot
+            .borrow()
+            .members
+            .iter()
+            .map(|member| member.endpoint.clone())
+            .collect()
     }
 
     /// Re-resolves now, probing each instance, and returns once that is done.
@@ -294,11 +284,11 @@ impl GrpcBalancer {
         let mut updates = self.shared.snapshot.subscribe();
         let waited = tokio::time::timeout(
             timeout,
-            updates.wait_for(|snapshot| snapshot.endpoints.len() >= count),
+            updates.wait_for(|snapshot| snapshot.members.len() >= count),
         )
         .await;
         match waited {
-            Ok(Ok(snapshot)) => Ok(snapshot.endpoints.clone()),
+            Ok(Ok(_)) => Ok(self.endpoints()),
             _ => Err(GrpcClientError::NotEnoughInstances {
                 service: self.service.clone(),
                 wanted: count,
@@ -315,7 +305,7 @@ impl GrpcBalancer {
     /// Attempts that fail with `UNAVAILABLE` are retried (after a probing refresh, so the retry
     /// goes to an instance that accepts connections) up to `max_attempts` within the deadline;
     /// use it for idempotent methods. An expired deadline is `DEADLINE_EXCEEDED` whichever side
-    /// noticed it (tonic reports its own client-side timer as `CANCELLED`).
+    /// noticed it.
     pub async fn unary<M, R, F, Fut>(
         &self,
         method: &str,
@@ -326,7 +316,7 @@ impl GrpcBalancer {
     ) -> (Result<tonic::Response<R>, Status>, GrpcCallReport)
     where
         M: Clone,
-        F: FnMut(Channel, tonic::Request<M>) -> Fut,
+        F: FnMut(GrpcChannel, tonic::Request<M>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<R>, Status>>,
     {
         let started = Instant::now();
@@ -373,9 +363,7 @@ impl GrpcBalancer {
             // The channel enforces `timeout` itself; this bounds a wait for a ready instance too.
             let outcome =
                 match tokio::time::timeout(timeout, call(self.channel.clone(), request)).await {
-                    Ok(outcome) => outcome.map_err(|status| {
-                        connection_status(deadline_status(status, method, &self.service, timeout))
-                    }),
+                    Ok(outcome) => outcome.map_err(connection_status),
                     Err(_) => Err(Status::deadline_exceeded(format!(
                         "{method} on {}: no answer within {timeout:?}",
                         self.service
@@ -431,27 +419,6 @@ impl GrpcBalancer {
             })
             .observe(report.elapsed.as_secs_f64());
         (result, report)
-    }
-}
-
-/// Turns tonic's client-side "timeout expired" (reported as `CANCELLED`) into `DEADLINE_EXCEEDED`,
-/// which is what it is.
-fn deadline_status(status: Status, method: &str, service: &str, timeout: Duration) -> Status {
-    if status.code() != Code::Cancelled {
-        return status;
-    }
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&status);
-    let mut expired = status.message() == "Timeout expired";
-    while let Some(err) = source {
-        expired |= err.is::<tonic::TimeoutExpired>();
-        source = err.source();
-    }
-    if expired {
-        Status::deadline_exceeded(format!(
-            "{method} on {service}: no answer within {timeout:?}"
-        ))
-    } else {
-        status
     }
 }
 
@@ -514,33 +481,13 @@ pub fn code_name(code: Code) -> &'static str {
     }
 }
 
-/// How each instance's `tonic` endpoint is configured.
-struct EndpointBuilder {
-    tls: ClientTlsConfig,
-    connect_timeout: Duration,
-}
-
-impl EndpointBuilder {
-    fn build(
-        &self,
-        addr: SocketAddr,
-    ) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
-        tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?
-            .connect_timeout(self.connect_timeout)
-            .tcp_nodelay(true)
-            // Notices a peer that vanished without closing the connection.
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .tls_config(self.tls.clone())
-    }
-}
-
 /// The background task that keeps the channel's instance set in line with discovery.
 struct Follower {
     service: String,
     discovery: Discovery,
-    builder: EndpointBuilder,
-    changes: mpsc::Sender<Change<Endpoint, tonic::transport::Endpoint>>,
+    /// The channel whose rotation this task keeps (its connections are dropped with an instance).
+    channel: GrpcChannel,
+    connect_timeout: Duration,
     shared: Arc<Shared>,
     backoff: Duration,
     endpoints_gauge: Gauge,
@@ -548,7 +495,7 @@ struct Follower {
 
 impl Follower {
     async fn run(self) {
-        let mut in_rotation: HashSet<Endpoint> = HashSet::new();
+        let mut in_rotation: HashMap<Endpoint, Arc<Member>> = HashMap::new();
         // Instances that refused a probe, kept out of rotation until the instant given.
         let mut resting: HashMap<Endpoint, Instant> = HashMap::new();
         let mut first = true;
@@ -593,13 +540,16 @@ impl Follower {
                     .into_iter()
                     .filter(|endpoint| !resting.contains_key(endpoint))
                     .collect();
-                self.apply(&mut in_rotation, &wanted).await;
+                self.apply(&mut in_rotation, &wanted);
             }
-            let mut endpoints: Vec<Endpoint> = in_rotation.iter().cloned().collect();
-            endpoints.sort_by(|a, b| a.instance.cmp(&b.instance).then(a.addr.cmp(&b.addr)));
-            self.endpoints_gauge.set(endpoints.len() as i64);
+            let mut members: Vec<Arc<Member>> = in_rotation.values().cloned().collect();
+            members.sort_by(|a, b| {
+                (&a.endpoint.instance, a.endpoint.addr)
+                    .cmp(&(&b.endpoint.instance, b.endpoint.addr))
+            });
+            self.endpoints_gauge.set(members.len() as i64);
             self.shared.snapshot.send_modify(|snapshot| {
-                snapshot.endpoints = endpoints;
+                snapshot.members = members;
                 snapshot.refreshes += 1;
                 if probe {
                     snapshot.probes += 1;
@@ -608,41 +558,28 @@ impl Follower {
         }
     }
 
-    /// Sends the channel the difference between what it balances over and what is wanted.
-    async fn apply(&self, in_rotation: &mut HashSet<Endpoint>, wanted: &HashSet<Endpoint>) {
-        let gone: Vec<Endpoint> = in_rotation.difference(wanted).cloned().collect();
-        for endpoint in gone {
-            tracing::info!(service = %self.service, instance = %endpoint.instance, addr = %endpoint.addr, "instance leaves the gRPC rotation");
-            in_rotation.remove(&endpoint);
-            if self.changes.send(Change::Remove(endpoint)).await.is_err() {
-                return;
+    /// Brings the rotation in line with what is wanted; an instance that stays keeps its
+    /// in-flight count, one that leaves has its connection dropped.
+    fn apply(&self, in_rotation: &mut HashMap<Endpoint, Arc<Member>>, wanted: &HashSet<Endpoint>) {
+        in_rotation.retain(|endpoint, _| {
+            let stays = wanted.contains(endpoint);
+            if !stays {
+                tracing::info!(service = %self.service, instance = %endpoint.instance, addr = %endpoint.addr, "instance leaves the gRPC rotation");
+                self.channel.forget(endpoint.addr);
             }
-        }
-        let added: Vec<Endpoint> = wanted.difference(in_rotation).cloned().collect();
-        for endpoint in added {
-            let tonic_endpoint = match self.builder.build(endpoint.addr) {
-                Ok(tonic_endpoint) => tonic_endpoint,
-                Err(err) => {
-                    tracing::warn!(service = %self.service, addr = %endpoint.addr, error = %err, "unusable endpoint");
-                    continue;
-                }
-            };
-            tracing::info!(service = %self.service, instance = %endpoint.instance, addr = %endpoint.addr, "instance joins the gRPC rotation");
-            in_rotation.insert(endpoint.clone());
-            if self
-                .changes
-                .send(Change::Insert(endpoint, tonic_endpoint))
-                .await
-                .is_err()
-            {
-                return;
+            stays
+        });
+        for endpoint in wanted {
+            if !in_rotation.contains_key(endpoint) {
+                tracing::info!(service = %self.service, instance = %endpoint.instance, addr = %endpoint.addr, "instance joins the gRPC rotation");
+                in_rotation.insert(endpoint.clone(), Member::new(endpoint.clone()));
             }
         }
     }
 
     /// The endpoints that do not accept a TCP connection within the connect timeout.
     async fn refusing(&self, endpoints: &[Endpoint]) -> Vec<Endpoint> {
-        let timeout = self.builder.connect_timeout;
+        let timeout = self.connect_timeout;
         let probes = endpoints.iter().map(|endpoint| async move {
             let connected =
                 tokio::time::timeout(timeout, tokio::net::TcpStream::connect(endpoint.addr)).await;
@@ -662,31 +599,6 @@ impl Follower {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn expired_client_timer_reads_as_deadline_exceeded() {
-        let status = Status::cancelled("Timeout expired");
-        let mapped = deadline_status(
-            status,
-            "GetPrice",
-            "pricing-service",
-            Duration::from_millis(5),
-        );
-        assert_eq!(mapped.code(), Code::DeadlineExceeded);
-        assert!(
-            mapped.message().contains("GetPrice"),
-            "{}",
-            mapped.message()
-        );
-
-        let other = deadline_status(
-            Status::cancelled("client went away"),
-            "GetPrice",
-            "pricing-service",
-            Duration::from_millis(5),
-        );
-        assert_eq!(other.code(), Code::Cancelled);
-    }
 
     #[test]
     fn broken_connections_read_as_unavailable() {

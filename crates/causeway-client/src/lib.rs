@@ -5,6 +5,7 @@
 //! W3C trace context on every outgoing request. It also keeps an instance registered.
 
 pub mod client;
+pub mod coalesce;
 pub mod connection;
 pub mod discovery;
 pub mod grpc;
