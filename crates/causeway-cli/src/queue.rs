@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
+use causeway_core::queue_policy::DEAD_LETTER_SUFFIX;
 use causeway_core::{DataDir, Role, Topology};
 use causeway_queue::{
     BrokerTarget, ConnectOptions, PeekedMessage, QueueBackend, QueueInfo, QueueSpec, headers,
@@ -101,7 +102,13 @@ pub async fn peek(
 ) -> anyhow::Result<(Vec<PeekedMessage>, String)> {
     let messages = backend.peek(queue, limit).await?;
     let mut out = String::new();
-    if messages.is_empty() {
+    if queue.ends_with(DEAD_LETTER_SUFFIX) {
+        let _ = writeln!(
+            out,
+            "{}",
+            dead_letter_count(backend, queue, messages.len(), limit).await
+        );
+    } else if messages.is_empty() {
         let _ = writeln!(out, "{queue} is empty");
     }
     for (index, message) in messages.iter().enumerate() {
@@ -130,6 +137,42 @@ pub async fn peek(
         let _ = writeln!(out, "   {}", message.payload);
     }
     Ok((messages, out))
+}
+
+/// `<dlq>: N dead letters`. When the peek was cut off at `limit`, the total comes from the
+/// broker's counts, where the backend has them; otherwise it says "at least".
+async fn dead_letter_count(
+    backend: &dyn QueueBackend,
+    dlq: &str,
+    shown: usize,
+    limit: usize,
+) -> String {
+    let plural = |n: u64| if n == 1 { "" } else { "s" };
+    let shown = shown as u64;
+    if shown < limit as u64 {
+        return format!("{dlq}: {shown} dead letter{}", plural(shown));
+    }
+    let original = QueueSpec {
+        name: dlq
+            .strip_suffix(DEAD_LETTER_SUFFIX)
+            .unwrap_or(dlq)
+            .to_string(),
+        policy: Default::default(),
+    };
+    let counted = backend.list(&[original]).await.ok().and_then(|queues| {
+        let info = queues.into_iter().find(|queue| queue.name == dlq)?;
+        Some(info.ready? + info.unacked.unwrap_or(0) + info.delayed.unwrap_or(0))
+    });
+    match counted {
+        Some(total) => format!(
+            "{dlq}: {total} dead letter{} (the oldest {shown} shown)",
+            plural(total)
+        ),
+        None => format!(
+            "{dlq}: at least {shown} dead letters (the {} backend cannot count them; raise --limit to see more)",
+            backend.kind()
+        ),
+    }
 }
 
 pub async fn redrive(

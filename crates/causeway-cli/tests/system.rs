@@ -33,6 +33,34 @@ fn demo_prints(system: &System, technique: &str, steps: &[&str]) -> String {
     text
 }
 
+/// How long to wait for a line in a component's log: logs are buffered, and a line can reach
+/// the file a while after it was written (warnings and errors at once).
+const LOG_PATIENCE: Duration = Duration::from_secs(5);
+
+fn read_log(system: &System, instance: &str) -> String {
+    std::fs::read_to_string(system.data().log(instance)).unwrap_or_default()
+}
+
+/// Waits up to `within` until the log of one of `instances` holds every one of `needles`;
+/// returns that instance. Check that something is absent from a log only after such a wait.
+async fn log_shows(
+    system: &System,
+    instances: &[&str],
+    needles: &[&str],
+    within: Duration,
+) -> Option<String> {
+    eventually(within, async || {
+        instances
+            .iter()
+            .find(|instance| {
+                let log = read_log(system, instance);
+                needles.iter().all(|needle| log.contains(needle))
+            })
+            .map(|instance| instance.to_string())
+    })
+    .await
+}
+
 fn served_by(response: &causeway_cli::edge::EdgeResponse) -> String {
     let json = response.json().expect("JSON body");
     json["servedBy"]["orderService"]
@@ -223,18 +251,34 @@ async fn rest_request_travels_every_hop_and_comes_back() {
     assert_eq!(traced.status, StatusCode::OK);
     let request_id = traced.headers["x-request-id"].to_str().unwrap().to_string();
     let order_instance = served_by(&traced);
-    let logs_with = |instance: &str, needle: &str| {
-        std::fs::read_to_string(system.data().log(instance))
-            .unwrap_or_default()
-            .contains(needle)
-    };
     assert!(
-        logs_with(&order_instance, trace_id),
-        "{order_instance} logged trace {trace_id}"
+        log_shows(
+            &system,
+            &[&order_instance],
+            &[trace_id, &request_id],
+            LOG_PATIENCE
+        )
+        .await
+        .is_some(),
+        "{order_instance} logged trace {trace_id} and request {request_id}"
     );
-    assert!(logs_with("user-service-1", &request_id));
-    assert!(logs_with(&order_instance, &request_id));
-    assert!(logs_with("reverse-proxy-1", &request_id) || logs_with("reverse-proxy-2", &request_id));
+    assert!(
+        log_shows(&system, &["user-service-1"], &[&request_id], LOG_PATIENCE)
+            .await
+            .is_some(),
+        "user-service-1 logged request {request_id}"
+    );
+    assert!(
+        log_shows(
+            &system,
+            &["reverse-proxy-1", "reverse-proxy-2"],
+            &[&request_id],
+            LOG_PATIENCE
+        )
+        .await
+        .is_some(),
+        "a reverse proxy logged request {request_id}"
+    );
 
     // The demo performs a real request and prints the seven steps with latencies.
     let text = demo_prints(
@@ -587,8 +631,23 @@ async fn services_run_on_postgresql() {
     let json = response.json().unwrap();
     assert_eq!(json["user"]["name"], "Ada Lovelace");
     assert_eq!(json["orders"].as_array().map(Vec::len), Some(2));
-    let log = std::fs::read_to_string(system.data().log("order-service-1")).unwrap_or_default();
-    assert!(!log.contains("sqlite"), "order service used PostgreSQL");
+    // The instance that served logged the request; only then is its log complete enough to
+    // show what is not in it.
+    let order_instance = served_by(&response);
+    let request_id = response.headers["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        log_shows(&system, &[&order_instance], &[&request_id], LOG_PATIENCE)
+            .await
+            .is_some(),
+        "{order_instance} logged request {request_id}"
+    );
+    assert!(
+        !read_log(&system, &order_instance).contains("sqlite"),
+        "order service used PostgreSQL"
+    );
     let demo = system.run(&["demo", "rest"]);
     assert!(
         String::from_utf8_lossy(&demo.stdout).contains("postgres://"),
@@ -787,19 +846,123 @@ async fn send_email(
     (response.status, json)
 }
 
-/// The message ids of user 123's notifications.
-async fn notified_messages(system: &System, token: &str) -> BTreeSet<String> {
+/// User 123's notifications, as Notification Service lists them.
+async fn notifications(system: &System, token: &str) -> Vec<serde_json::Value> {
     let response = system
         .get("/api/notifications?userId=123", Some(token))
         .await;
     assert_eq!(response.status, StatusCode::OK, "{:?}", response.body);
-    response
-        .json()
-        .expect("JSON")
-        .as_array()
-        .expect("a list of notifications")
+    let json = response.json().expect("JSON");
+    json.as_array().expect("a list of notifications").clone()
+}
+
+/// The message ids of user 123's notifications.
+async fn notified_messages(system: &System, token: &str) -> BTreeSet<String> {
+    notifications(system, token)
+        .await
         .iter()
         .filter_map(|n| n["messageId"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// Stops Notification Service (SIGSTOP), then sends `emails` emails, each confirmed by the
+/// broker; returns the stopped consumer's pid and the emails' message ids.
+async fn emails_for_a_stopped_consumer(
+    system: &System,
+    token: &str,
+    emails: usize,
+) -> (u32, BTreeSet<String>) {
+    let consumer = system
+        .pid_of("notification-service-1")
+        .expect("consumer pid");
+    signal(consumer, Signal::SIGSTOP);
+    let mut sent = BTreeSet::new();
+    for _ in 0..emails {
+        let (status, email) = send_email(system, token, false).await;
+        if status != StatusCode::CREATED {
+            signal(consumer, Signal::SIGCONT);
+            panic!("not confirmed: {status} {email}");
+        }
+        sent.insert(email["messageId"].as_str().unwrap().to_string());
+    }
+    (consumer, sent)
+}
+
+/// Checks that the supervisor replaces `instance`'s killed process `old` within 20 s.
+async fn assert_restarted(system: &System, instance: &str, old: u32) {
+    let restarted = eventually(Duration::from_secs(20), async || {
+        let pid = system.pid_of(instance)?;
+        (pid != old).then_some(pid)
+    })
+    .await;
+    assert!(restarted.is_some(), "the supervisor restarted {instance}");
+}
+
+/// Checks that every message in `expected` becomes a notification within 30 s.
+async fn assert_none_lost(system: &System, token: &str, expected: &BTreeSet<String>) {
+    let seen = wait_for_notifications(system, token, expected, Duration::from_secs(30)).await;
+    let lost: Vec<_> = expected.difference(&seen).collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} messages lost: {lost:?}",
+        lost.len(),
+        expected.len()
+    );
+}
+
+/// `causeway queue ls --json`'s entry for `queue`.
+fn queue_counts(system: &System, queue: &str) -> Option<serde_json::Value> {
+    let ls = system.run(&["queue", "ls", "--json"]);
+    let queues: serde_json::Value = serde_json::from_slice(&ls.stdout).ok()?;
+    queues
+        .as_array()?
+        .iter()
+        .find(|entry| entry["name"] == queue)
+        .cloned()
+}
+
+/// The time `causeway demo queue` printed for a step (`label` as "5. Acknowledgment"), in ms.
+fn step_ms(text: &str, label: &str) -> Option<f64> {
+    let line = text
+        .lines()
+        .map(str::trim_start)
+        .find(|line| line.starts_with(label))?;
+    let mut words = line[label.len()..]
+        .trim_start_matches([' ', '≤'])
+        .split_whitespace();
+    let value = words.next()?.parse().ok()?;
+    (words.next() == Some("ms")).then_some(value)
+}
+
+/// The demo's retry lines: (attempt, ms since the previous attempt, backoff it was given).
+fn retry_lines(text: &str) -> Vec<(u32, Option<i64>, Option<i64>)> {
+    let number_before = |line: &str, marker: &str| -> Option<i64> {
+        let (before, _) = line.split_once(marker)?;
+        before
+            .rsplit(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    };
+    let number_after = |line: &str, marker: &str| -> Option<i64> {
+        let (_, after) = line.rsplit_once(marker)?;
+        after.split_whitespace().next()?.parse().ok()
+    };
+    text.lines()
+        .map(str::trim_start)
+        .filter(|line| line.starts_with("attempt "))
+        .filter_map(|line| {
+            let attempt = line["attempt ".len()..]
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()?;
+            Some((
+                attempt,
+                number_before(line, " ms after attempt"),
+                number_after(line, "retry in "),
+            ))
+        })
         .collect()
 }
 
@@ -859,6 +1022,53 @@ async fn emails_become_notifications_and_failures_end_in_the_dead_letter_queue()
         ],
     );
     assert!(text.contains("\"status\":\"sent\""), "{text}");
+    // Every step has a measured time, and the times make sense together.
+    let time = |label: &str| {
+        step_ms(&text, label).unwrap_or_else(|| panic!("demo queue times {label}: {text}"))
+    };
+    for label in [
+        "1. Message creation",
+        "2. Queueing",
+        "3. Broker",
+        "4. Message consumption",
+    ] {
+        let ms = time(label);
+        assert!((0.0..10_000.0).contains(&ms), "{label}: {ms} ms: {text}");
+    }
+    // Step 5 is how long after the consumer's commit the broker had let go of the message: the
+    // ack comes after the commit, never before, and the broker takes it at once.
+    let ack = time("5. Acknowledgment");
+    assert!((0.0..1000.0).contains(&ack), "ack at {ack} ms: {text}");
+    // Step 6 runs from the first failed attempt to the last, by the times Notification Service
+    // recorded them. Each is recorded once the broker has taken the retry (after its commit), so
+    // a single gap can fall short of its backoff by a commit's time; the whole run cannot fall
+    // short of the first backoff unless a commit took longer than the second backoff (200 ms).
+    let retries = retry_lines(&text);
+    let attempts: Vec<u32> = retries.iter().map(|(attempt, _, _)| *attempt).collect();
+    assert_eq!(attempts, [1, 2, 3], "{text}");
+    let mut total = 0;
+    let mut backoffs = Vec::new();
+    for pair in retries.windows(2) {
+        let (_, _, Some(backoff)) = pair[0] else {
+            panic!("attempt {} names its backoff: {text}", pair[0].0)
+        };
+        let (_, Some(waited), _) = pair[1] else {
+            panic!(
+                "attempt {} says how long after the one before: {text}",
+                pair[1].0
+            )
+        };
+        assert!(
+            (1..backoff + 5000).contains(&waited),
+            "attempt {} came {waited} ms after the one before: {text}",
+            pair[1].0
+        );
+        backoffs.push(backoff);
+        total += waited;
+    }
+    assert_eq!(backoffs, [100, 200], "the policy's backoff: {text}");
+    assert!(total >= 100, "the retries waited: {total} ms: {text}");
+    assert_eq!(time("6. Retry"), total as f64, "{text}");
 
     let ls = system.run(&["queue", "ls"]);
     let listing = String::from_utf8_lossy(&ls.stdout);
@@ -877,6 +1087,16 @@ async fn emails_become_notifications_and_failures_end_in_the_dead_letter_queue()
             .contains("failed 3 of 3 attempts"),
         "{letters:?}"
     );
+    let dlq = system.run(&["queue", "dlq", "notification-queue"]);
+    assert!(dlq.status.success(), "{dlq:?}");
+    let listing = String::from_utf8_lossy(&dlq.stdout);
+    assert!(
+        listing
+            .lines()
+            .any(|line| line == "notification-queue.dlq: 1 dead letter"),
+        "{listing}"
+    );
+    assert!(listing.contains("failed 3 of 3 attempts"), "{listing}");
 
     let redrive = system.run(&["queue", "redrive", "notification-queue"]);
     assert!(redrive.status.success(), "{redrive:?}");
@@ -896,6 +1116,21 @@ async fn emails_become_notifications_and_failures_end_in_the_dead_letter_queue()
         back.is_some(),
         "the redriven message failed back into the DLQ"
     );
+
+    // Peek shows a message without taking it: one held for a stopped consumer.
+    let (consumer, expected) = emails_for_a_stopped_consumer(&system, &token, 1).await;
+    let peek = system.run(&["queue", "peek", "notification-queue"]);
+    signal(consumer, Signal::SIGCONT);
+    let held = expected.first().unwrap().clone();
+    let peeked = String::from_utf8_lossy(&peek.stdout);
+    assert!(peek.status.success(), "{peek:?}");
+    assert!(
+        peeked.contains(&format!("message {held}"))
+            && peeked.contains("x-causeway-published-at")
+            && peeked.contains("\"status\":\"sent\""),
+        "{peeked}"
+    );
+    assert_none_lost(&system, &token, &expected).await;
 
     // Metrics: how Email Service published, how Notification Service settled, what the broker did.
     let email = system.metrics("email-service-1").await;
@@ -921,17 +1156,7 @@ async fn emails_become_notifications_and_failures_end_in_the_dead_letter_queue()
 async fn a_killed_broker_loses_no_confirmed_message() {
     let system = System::start(test_topology());
     let token = system.token("123", 300);
-    let consumer = system
-        .pid_of("notification-service-1")
-        .expect("consumer pid");
-    signal(consumer, Signal::SIGSTOP);
-
-    let mut expected = BTreeSet::new();
-    for _ in 0..20 {
-        let (status, email) = send_email(&system, &token, false).await;
-        assert_eq!(status, StatusCode::CREATED, "confirmed: {email}");
-        expected.insert(email["messageId"].as_str().unwrap().to_string());
-    }
+    let (consumer, mut expected) = emails_for_a_stopped_consumer(&system, &token, 20).await;
     let broker = system.pid_of("broker-1").expect("broker pid");
     signal(broker, Signal::SIGKILL);
 
@@ -943,21 +1168,57 @@ async fn a_killed_broker_loses_no_confirmed_message() {
     );
     expected.insert(email["messageId"].as_str().unwrap().to_string());
 
-    let restarted = eventually(Duration::from_secs(20), async || {
-        let pid = system.pid_of("broker-1")?;
-        (pid != broker).then_some(pid)
+    assert_restarted(&system, "broker-1", broker).await;
+    signal(consumer, Signal::SIGCONT);
+    assert_none_lost(&system, &token, &expected).await;
+}
+
+/// The consumer dies holding deliveries: Notification Service is stopped (SIGSTOP) so the
+/// broker's deliveries to it stay unacked, emails are sent, and it is killed with SIGKILL. The
+/// broker gives its unacked deliveries back when the connection drops, the supervisor restarts
+/// it, and every email becomes exactly one notification. Were unacked deliveries not given
+/// back, the emails would never be notified; were one delivered twice to a consumer that
+/// stored it twice, it would be listed twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_consumer_gets_its_unacked_messages_back_once() {
+    let system = System::start(test_topology());
+    let token = system.token("123", 300);
+    let (consumer, expected) = emails_for_a_stopped_consumer(&system, &token, 10).await;
+    // All of them delivered to the stopped consumer (within its prefetch window), none acked.
+    let mut counts = None;
+    let delivered = eventually(Duration::from_secs(10), async || {
+        counts = queue_counts(&system, "notification-queue");
+        let entry = counts.as_ref()?;
+        (entry["unacked"] == expected.len() && entry["ready"] == 0).then_some(())
     })
     .await;
-    assert!(restarted.is_some(), "the supervisor restarted the broker");
-    signal(consumer, Signal::SIGCONT);
-
-    let seen = wait_for_notifications(&system, &token, &expected, Duration::from_secs(30)).await;
-    let lost: Vec<_> = expected.difference(&seen).collect();
+    signal(consumer, Signal::SIGKILL);
     assert!(
-        lost.is_empty(),
-        "{} of {} messages lost: {lost:?}",
-        lost.len(),
-        expected.len()
+        delivered.is_some(),
+        "the stopped consumer holds every message unacked: {counts:?}"
+    );
+
+    assert_restarted(&system, "notification-service-1", consumer).await;
+    assert_none_lost(&system, &token, &expected).await;
+    // Nothing arrives twice, late: give a duplicate time to show up before counting.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let listed = notifications(&system, &token).await;
+    for id in &expected {
+        let times = listed.iter().filter(|n| n["messageId"] == *id).count();
+        assert_eq!(times, 1, "message {id} notified {times} times: {listed:?}");
+    }
+    assert_eq!(listed.len(), expected.len(), "{listed:?}");
+    // Each was processed on its second delivery: the one the dead consumer never settled.
+    assert!(
+        listed.iter().all(|n| n["attempt"] == 2),
+        "redelivered: {listed:?}"
+    );
+    let counts = queue_counts(&system, "notification-queue");
+    assert!(
+        counts
+            .as_ref()
+            .is_some_and(|c| c["ready"] == 0 && c["unacked"] == 0),
+        "{counts:?}"
     );
 }
 
@@ -1093,10 +1354,17 @@ async fn ingress_routes_reload_under_load_without_failed_requests() {
         "{} of {sent} requests failed during reloads: {failed:?}",
         failed.len()
     );
-    let log = std::fs::read_to_string(system.data().log("reverse-proxy-1")).unwrap_or_default();
     assert!(
-        log.contains("routes reloaded") && log.contains("kept the routes in use"),
-        "both reloads are logged: {log}"
+        log_shows(
+            &system,
+            &["reverse-proxy-1"],
+            &["routes reloaded", "kept the routes in use"],
+            LOG_PATIENCE
+        )
+        .await
+        .is_some(),
+        "both reloads are logged: {}",
+        read_log(&system, "reverse-proxy-1")
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -1187,10 +1455,12 @@ async fn the_edge_serves_ingress_tls_certificates_by_sni() {
     assert!(served.is_some(), "the rotated certificate is not served");
     // A broken certificate file is refused with an error, and the one in use stays.
     std::fs::write(tls_dir.join("secret-shop-tls.pem"), "not a certificate").unwrap();
-    let refused = eventually(Duration::from_secs(10), async || {
-        let log = std::fs::read_to_string(system.data().log("reverse-proxy-1")).unwrap_or_default();
-        log.contains("proxy.certificates_refused").then_some(())
-    })
+    let refused = log_shows(
+        &system,
+        &["reverse-proxy-1"],
+        &["proxy.certificates_refused"],
+        Duration::from_secs(10),
+    )
     .await;
     assert!(refused.is_some(), "no refusal logged for the broken file");
     for _ in 0..4 {
