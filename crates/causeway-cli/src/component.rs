@@ -36,7 +36,8 @@ const REGISTRATION_PATIENCE: Duration = Duration::from_secs(5);
 
 /// Runs the component described by the environment; returns the process exit code.
 pub fn main() -> std::process::ExitCode {
-    causeway_core::telemetry::init_logging();
+    // Held until the component exits, when it writes out what is buffered.
+    let _log = causeway_core::telemetry::init_logging_buffered();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -11,12 +11,23 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tracing_subscriber::EnvFilter;
 
+mod json_lines;
+
 /// JSON lines on stderr; the level comes from `CAUSEWAY_LOG` (or `RUST_LOG`), default `info`.
-///
-/// Each line is written as it is logged (components started by `causeway up`: the supervisor
-/// and the tests read their logs while they run).
+/// Each line is written as it is logged (for commands, whose stderr is the user's terminal).
 pub fn init_logging() {
     install(std::io::stderr);
+}
+
+/// The same JSON lines on stderr, buffered and written by a background thread (see
+/// [`LogGuard`]): for components under `causeway up`, whose stderr is their log file and who log
+/// a line per request. An info line reaches the file within 100 ms, a warning or
+/// an error at once; a process killed with SIGKILL loses at most that interval's info lines.
+/// Keep the guard until the process exits: dropping it writes what is buffered.
+pub fn init_logging_buffered() -> LogGuard {
+    let guard = LogGuard::start(std::io::stderr());
+    install(guard.writer());
+    guard
 }
 
 /// The same JSON lines, appended to `path` (for benchmarks, whose stderr is the user's terminal),
@@ -232,10 +243,7 @@ where
         .unwrap_or_else(|_| EnvFilter::new("info,hickory_server=warn"));
     // A second initialisation (tests) keeps the first subscriber.
     let _ = tracing_subscriber::fmt()
-        .json()
-        .flatten_event(true)
-        .with_current_span(false)
-        .with_span_list(false)
+        .event_format(json_lines::JsonLines)
         .with_env_filter(filter)
         .with_writer(writer)
         .try_init();
