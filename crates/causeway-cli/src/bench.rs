@@ -1,9 +1,11 @@
-//! `causeway bench grpc`: the same price lookup served four ways, measured side by side in one run
-//! on this machine: gRPC unary through the real Pricing Service (TLS, metrics, JSON call logs to a
-//! file, trace context), gRPC unary through a bare tonic server on the same handler, and REST/JSON
-//! over HTTP/1.1 and HTTP/2 (TLS); then streaming throughput (LivePricing, bidirectional). Servers
-//! run on a one-thread runtime of their own and the callers on another, in this process: compare
-//! the rows with each other, not with numbers taken elsewhere.
+//! `causeway bench grpc`: the same price lookup served several ways, measured side by side in one
+//! run on this machine: gRPC unary through the real Pricing Service (TLS, metrics, JSON call logs
+//! to a file through the components' buffered writer, trace context) and through a bare tonic
+//! server on the same handler, both called through Causeway's client (`GrpcChannel`, as
+//! Inventory Service calls Pricing); Pricing Service again through tonic's own `Channel`; and
+//! REST/JSON over HTTP/1.1 and HTTP/2 (TLS); then streaming throughput (LivePricing,
+//! bidirectional). Servers run on a one-thread runtime of their own and the callers on another,
+//! in this process: compare the rows with each other, not with numbers taken elsewhere.
 
 use std::fmt::Write;
 use std::net::SocketAddr;
@@ -13,6 +15,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
+use causeway_client::grpc::GrpcChannel;
 use causeway_core::serve::{Shutdown, shutdown_channel};
 use causeway_core::tls::{CertPaths, LocalCa};
 use causeway_proto::pricing::v1::pricing_service_client::PricingServiceClient;
@@ -42,6 +45,8 @@ const SERVER_NAME: &str = "pricing-service.internal";
 /// Thread names (as `/proc` shows them, at most 15 bytes) whose CPU time is the servers'.
 const SERVER_THREADS: &str = "bench-server";
 const SQLITE_THREADS: &str = "sqlx-sqlite-wor";
+/// The buffered log writer's thread (`telemetry::LogGuard`).
+const LOG_THREAD: &str = "log-writer";
 /// Offers per LivePricing session in the streaming workload (the service's per-session limit).
 const OFFERS_PER_SESSION: u32 = 1000;
 
@@ -112,44 +117,16 @@ async fn grpc_channel(addr: SocketAddr, ca: &Path) -> anyhow::Result<Channel> {
         .await?)
 }
 
-/// tonic's generated stub over one plain HTTP/2 connection (hyper's sender), without the request
-/// buffer (a queue and a task hop) that tonic's `Channel` puts in front of every call.
-#[derive(Clone)]
-struct DirectHttp2(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
-
-impl tower::Service<Request<tonic::body::Body>> for DirectHttp2 {
-    type Response = http::Response<hyper::body::Incoming>;
-    type Error = hyper::Error;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
-    >;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        self.0.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request<tonic::body::Body>) -> Self::Future {
-        Box::pin(self.0.send_request(request))
-    }
-}
-
-async fn direct_grpc(addr: SocketAddr, ca: &Path) -> anyhow::Result<DirectHttp2> {
-    let config = causeway_core::tls::client_config_with_alpn(ca, &[b"h2"])?;
-    let tcp = TcpStream::connect(addr).await?;
-    tcp.set_nodelay(true)?;
-    let tls = tokio_rustls::TlsConnector::from(config)
-        .connect(ServerName::try_from(SERVER_NAME)?, tcp)
-        .await?;
-    let (sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        TokioIo::new(tls),
-    )
-    .await?;
-    tokio::spawn(connection);
-    Ok(DirectHttp2(sender))
+/// Causeway's gRPC transport (the one Inventory Service calls Pricing Service through): the
+/// client library's [`GrpcChannel`], here to one fixed address.
+fn causeway_channel(addr: SocketAddr, ca: &Path) -> anyhow::Result<GrpcChannel> {
+    let tls = causeway_core::tls::client_config(ca)?;
+    Ok(GrpcChannel::fixed(
+        SERVER_NAME,
+        addr,
+        tls,
+        Duration::from_secs(5),
+    )?)
 }
 
 /// One HTTP/1.1 or HTTP/2 connection over TLS to the REST server.
@@ -259,6 +236,19 @@ pub struct BenchOptions {
 }
 
 /// Runs the gRPC-versus-REST benchmark and returns its report.
+/// One unary `GetPrice` call, with a deadline as the services set one.
+async fn get_price<C>(mut client: PricingServiceClient<C>) -> Result<(), Status>
+where
+    C: tonic::client::GrpcService<tonic::body::Body>,
+    C::Error: Into<tonic::codegen::StdError>,
+    C::ResponseBody: hyper::body::Body<Data = Bytes> + Send + 'static,
+    <C::ResponseBody as hyper::body::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
+    let mut request = tonic::Request::new(GetPriceRequest { sku: SKU.into() });
+    request.set_timeout(Duration::from_secs(5));
+    client.get_price(request).await.map(|_| ())
+}
+
 pub async fn grpc(options: &BenchOptions) -> anyhow::Result<String> {
     let dir = std::env::temp_dir().join(format!("causeway-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -269,12 +259,9 @@ pub async fn grpc(options: &BenchOptions) -> anyhow::Result<String> {
 }
 
 async fn run_grpc(dir: &Path, options: &BenchOptions) -> anyhow::Result<String> {
-    // Call logs go to a file, one write per line on the serving thread, as the services' stderr
-    // does under `causeway up`, so their cost is counted: the guard is dropped at once, which
-    // makes the writer unbuffered (a buffered writer's thread is not counted as server CPU).
-    drop(causeway_core::telemetry::init_logging_to_file(
-        &dir.join("pricing.log"),
-    )?);
+    // Call logs go to a file through the same buffered writer as a component's stderr under
+    // `causeway up`; its thread's CPU is counted with the servers'.
+    let _log = causeway_core::telemetry::init_logging_to_file(&dir.join("pricing.log"))?;
     let ca = LocalCa::load_or_create(&dir.join("tls"))?;
     let certs = ca.issue(
         "pricing-service",
@@ -300,7 +287,7 @@ async fn run_grpc(dir: &Path, options: &BenchOptions) -> anyhow::Result<String> 
         .thread_name(SERVER_THREADS)
         .enable_all()
         .build()?;
-    let server_cpu = || loadgen::thread_cpu_time(&[SERVER_THREADS, SQLITE_THREADS]);
+    let server_cpu = || loadgen::thread_cpu_time(&[SERVER_THREADS, SQLITE_THREADS, LOG_THREAD]);
     let (trigger, shutdown) = shutdown_channel();
     let full_listener = TcpListener::bind("127.0.0.1:0").await?;
     let full_addr = full_listener.local_addr()?;
@@ -349,41 +336,29 @@ async fn run_grpc(dir: &Path, options: &BenchOptions) -> anyhow::Result<String> 
         duration: options.duration,
     };
     let mut reports: Vec<LoadReport> = Vec::new();
-    for (name, addr) in [
-        ("gRPC unary, Pricing Service", full_addr),
-        ("gRPC unary, bare tonic, same handler", bare_addr),
-    ] {
-        let channel = grpc_channel(addr, &ca_path).await?;
-        reports.push(
-            loadgen::run(name, shape, &server_cpu, move || {
-                let mut client = PricingServiceClient::new(channel.clone());
-                async move {
-                    let mut request = tonic::Request::new(GetPriceRequest { sku: SKU.into() });
-                    request.set_timeout(Duration::from_secs(5));
-                    client.get_price(request).await.map(|_| ())
-                }
-            })
-            .await,
-        );
+    // Pricing Service and bare tonic through the same client, Causeway's; then Pricing Service
+    // through tonic's own `Channel`, which shows what the client side costs.
+    let unary_rows = [
+        ("gRPC unary, Pricing Service", full_addr, true),
+        ("gRPC unary, bare tonic, same handler", bare_addr, true),
+        (
+            "gRPC unary, Pricing Service, tonic Channel",
+            full_addr,
+            false,
+        ),
+    ];
+    for (name, addr, causeway_client) in unary_rows {
+        let report = if causeway_client {
+            let channel = causeway_channel(addr, &ca_path)?;
+            let call = move || get_price(PricingServiceClient::new(channel.clone()));
+            loadgen::run(name, shape, &server_cpu, call).await
+        } else {
+            let channel = grpc_channel(addr, &ca_path).await?;
+            let call = move || get_price(PricingServiceClient::new(channel.clone()));
+            loadgen::run(name, shape, &server_cpu, call).await
+        };
+        reports.push(report);
     }
-    let direct = direct_grpc(full_addr, &ca_path).await?;
-    let origin: http::Uri = format!("https://{SERVER_NAME}").parse()?;
-    reports.push(
-        loadgen::run(
-            "gRPC unary, Pricing Service, direct h2",
-            shape,
-            &server_cpu,
-            move || {
-                let mut client = PricingServiceClient::with_origin(direct.clone(), origin.clone());
-                async move {
-                    let mut request = tonic::Request::new(GetPriceRequest { sku: SKU.into() });
-                    request.set_timeout(Duration::from_secs(5));
-                    client.get_price(request).await.map(|_| ())
-                }
-            },
-        )
-        .await,
-    );
     for (name, http2) in [("REST/JSON, HTTP/1.1", false), ("REST/JSON, HTTP/2", true)] {
         // HTTP/1.1: one keep-alive connection per worker; HTTP/2: one shared connection, as gRPC.
         let shared = if http2 {
@@ -424,7 +399,7 @@ async fn run_grpc(dir: &Path, options: &BenchOptions) -> anyhow::Result<String> 
         );
     }
 
-    let channel = grpc_channel(full_addr, &ca_path).await?;
+    let channel = causeway_channel(full_addr, &ca_path)?;
     let streaming = loadgen::run(
         "gRPC bidi LivePricing (1000-msg sessions)",
         shape,

@@ -173,12 +173,12 @@ pub fn thread_cpu_time(prefixes: &[&str]) -> Option<Duration> {
 pub fn render(reports: &[LoadReport]) -> String {
     let base = reports.first().map(LoadReport::per_second).unwrap_or(1.0);
     let mut out = format!(
-        "{:<34} {:>10} {:>9} {:>9} {:>12} {:>7} {:>7}\n",
+        "{:<44} {:>10} {:>9} {:>9} {:>12} {:>7} {:>7}\n",
         "workload", "req/s", "p50 µs", "p99 µs", "server CPU/req", "vs 1st", "errors"
     );
     for report in reports {
         out.push_str(&format!(
-            "{:<34} {:>10.0} {:>9} {:>9} {:>12} {:>6.2}x {:>7}\n",
+            "{:<44} {:>10.0} {:>9} {:>9} {:>12} {:>6.2}x {:>7}\n",
             report.name,
             report.per_second(),
             report.p50.as_micros(),
