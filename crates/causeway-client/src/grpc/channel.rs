@@ -174,7 +174,7 @@ impl ChannelInner {
         parts.uri = http::Uri::from_parts(uri)
             .map_err(|err| Status::internal(format!("request URI: {err}")))?;
         parts.version = http::Version::HTTP_2;
-        let body = UnaryBody(SyncWrapper::new(body))
+        let body = SyncRequestBody(SyncWrapper::new(body))
             .map_err(|status| Box::new(status) as Box<dyn std::error::Error + Send + Sync>)
             .boxed();
         let request = http::Request::from_parts(parts, body);
@@ -244,9 +244,9 @@ fn scopeguard(member: &Member) -> impl Drop + '_ {
 /// tonic's request body is `Send` but not `Sync`, which the client library's connections ask of
 /// a body; it is only ever polled through `&mut`, so [`SyncWrapper`] makes it `Sync` soundly
 /// (at the price of the size hint, which HTTP/2 does not need).
-struct UnaryBody(SyncWrapper<tonic::body::Body>);
+struct SyncRequestBody(SyncWrapper<tonic::body::Body>);
 
-impl Body for UnaryBody {
+impl Body for SyncRequestBody {
     type Data = Bytes;
     type Error = Status;
 
