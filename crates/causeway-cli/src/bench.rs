@@ -235,7 +235,6 @@ pub struct BenchOptions {
     pub warmup: Duration,
 }
 
-/// Runs the gRPC-versus-REST benchmark and returns its report.
 /// One unary `GetPrice` call, with a deadline as the services set one.
 async fn get_price<C>(mut client: PricingServiceClient<C>) -> Result<(), Status>
 where
@@ -249,6 +248,7 @@ where
     client.get_price(request).await.map(|_| ())
 }
 
+/// Runs the gRPC-versus-REST benchmark and returns its report.
 pub async fn grpc(options: &BenchOptions) -> anyhow::Result<String> {
     let dir = std::env::temp_dir().join(format!("causeway-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
