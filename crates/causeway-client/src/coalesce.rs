@@ -56,7 +56,7 @@ impl<T> CoalescedWrites<T> {
 }
 
 impl<T: AsyncWrite + Unpin> CoalescedWrites<T> {
-    /// Writes out everything held.
+    /// Writes out everything held; a flush that comes later waits its own turn.
     fn poll_write_held(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.written < self.held.len() {
             let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.held[self.written..]))?;
@@ -67,6 +67,7 @@ impl<T: AsyncWrite + Unpin> CoalescedWrites<T> {
         }
         self.held.clear();
         self.written = 0;
+        self.turn = None;
         Poll::Ready(Ok(()))
     }
 }
@@ -108,14 +109,12 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CoalescedWrites<T> {
             .get_or_insert_with(|| Box::pin(tokio::task::yield_now()));
         ready!(turn.as_mut().poll(cx));
         ready!(this.poll_write_held(cx))?;
-        this.turn = None;
         Pin::new(&mut this.io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         ready!(this.poll_write_held(cx))?;
-        this.turn = None;
         Pin::new(&mut this.io).poll_shutdown(cx)
     }
 }
