@@ -36,7 +36,6 @@ use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
 
 use crate::client::ClientSettings;
-use crate::connection::Connections;
 use crate::discovery::{Discovery, Endpoint, ResolveError};
 
 mod channel;
@@ -200,9 +199,6 @@ impl GrpcBalancer {
                 service: service.to_string(),
                 source: Box::new(source),
             })?;
-        let authority = server_name.parse().map_err(|_| GrpcClientError::BadName {
-            name: server_name.clone(),
-        })?;
         let connect_timeout = Duration::from_millis(settings.config.connect_timeout_ms);
         let shared = Arc::new(Shared {
             snapshot: watch::Sender::new(Snapshot::default()),
@@ -210,10 +206,11 @@ impl GrpcBalancer {
         });
         let channel = GrpcChannel::new(
             service,
-            authority,
-            Connections::new(tls, connect_timeout),
+            &server_name,
+            tls,
+            connect_timeout,
             shared.snapshot.subscribe(),
-        );
+        )?;
         let metrics = GrpcClientMetrics::register(metrics);
         let follower = Follower {
             service: service.to_string(),

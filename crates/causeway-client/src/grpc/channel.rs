@@ -78,21 +78,28 @@ impl std::fmt::Debug for GrpcChannel {
 }
 
 impl GrpcChannel {
+    /// A channel to `service`'s instances in `rotation`, each verified as `server_name`.
     pub(super) fn new(
         service: &str,
-        authority: Authority,
-        connections: Connections,
+        server_name: &str,
+        tls: Arc<rustls::ClientConfig>,
+        connect_timeout: Duration,
         rotation: watch::Receiver<Snapshot>,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, super::GrpcClientError> {
+        let authority = server_name
+            .parse()
+            .map_err(|_| super::GrpcClientError::BadName {
+                name: server_name.to_string(),
+            })?;
+        Ok(Self {
             inner: Arc::new(ChannelInner {
                 service: service.to_string(),
                 authority,
-                connections,
+                connections: Connections::new(tls, connect_timeout),
                 rotation,
                 picks: AtomicU64::new(0),
             }),
-        }
+        })
     }
 
     /// A channel to one fixed instance at `addr`, verified as `server_name` (benchmarks, tools).
@@ -102,11 +109,6 @@ impl GrpcChannel {
         tls: Arc<rustls::ClientConfig>,
         connect_timeout: Duration,
     ) -> Result<Self, super::GrpcClientError> {
-        let authority = server_name
-            .parse()
-            .map_err(|_| super::GrpcClientError::BadName {
-                name: server_name.to_string(),
-            })?;
         let member = Member::new(Endpoint {
             instance: server_name.to_string(),
             addr,
@@ -115,12 +117,7 @@ impl GrpcChannel {
             members: vec![member],
             ..Snapshot::default()
         });
-        Ok(Self::new(
-            server_name,
-            authority,
-            Connections::new(tls, connect_timeout),
-            rotation,
-        ))
+        Self::new(server_name, server_name, tls, connect_timeout, rotation)
     }
 
     /// Drops the connection to an instance that left the rotation (calls on it finish first).
@@ -331,10 +328,12 @@ mod tests {
         let (_, rotation) = watch::channel(snapshot);
         GrpcChannel::new(
             "pricing-service",
-            Authority::from_static("pricing-service.internal"),
-            Connections::new(tls, Duration::from_secs(1)),
+            "pricing-service.internal",
+            tls,
+            Duration::from_secs(1),
             rotation,
         )
+        .unwrap()
     }
 
     #[test]
