@@ -47,6 +47,8 @@ const SERVER_THREADS: &str = "bench-server";
 const SQLITE_THREADS: &str = "sqlx-sqlite-wor";
 /// The buffered log writer's thread (`telemetry::LogGuard`).
 const LOG_THREAD: &str = "log-writer";
+/// Thread names of the callers' runtime (the load generator and the client code under it).
+pub const CLIENT_THREADS: &str = "bench-client";
 /// Offers per LivePricing session in the streaming workload (the service's per-session limit).
 const OFFERS_PER_SESSION: u32 = 1000;
 
@@ -288,6 +290,11 @@ async fn run_grpc(dir: &Path, options: &BenchOptions) -> anyhow::Result<String> 
         .enable_all()
         .build()?;
     let server_cpu = || loadgen::thread_cpu_time(&[SERVER_THREADS, SQLITE_THREADS, LOG_THREAD]);
+    let client_cpu = || loadgen::thread_cpu_time(&[CLIENT_THREADS]);
+    let cpu = loadgen::CpuMeters {
+        server: &server_cpu,
+        client: &client_cpu,
+    };
     let (trigger, shutdown) = shutdown_channel();
     let full_listener = TcpListener::bind("127.0.0.1:0").await?;
     let full_addr = full_listener.local_addr()?;
@@ -351,11 +358,11 @@ async fn run_grpc(dir: &Path, options: &BenchOptions) -> anyhow::Result<String> 
         let report = if causeway_client {
             let channel = causeway_channel(addr, &ca_path)?;
             let call = move || get_price(PricingServiceClient::new(channel.clone()));
-            loadgen::run(name, shape, &server_cpu, call).await
+            loadgen::run(name, shape, cpu, call).await
         } else {
             let channel = grpc_channel(addr, &ca_path).await?;
             let call = move || get_price(PricingServiceClient::new(channel.clone()));
-            loadgen::run(name, shape, &server_cpu, call).await
+            loadgen::run(name, shape, cpu, call).await
         };
         reports.push(report);
     }
@@ -380,7 +387,7 @@ async fn run_grpc(dir: &Path, options: &BenchOptions) -> anyhow::Result<String> 
         let pool = Arc::new(pool);
         let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         reports.push(
-            loadgen::run(name, shape, &server_cpu, move || {
+            loadgen::run(name, shape, cpu, move || {
                 let pool = pool.clone();
                 let turn = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 async move {
@@ -403,7 +410,7 @@ async fn run_grpc(dir: &Path, options: &BenchOptions) -> anyhow::Result<String> 
     let streaming = loadgen::run(
         "gRPC bidi LivePricing (1000-msg sessions)",
         shape,
-        &server_cpu,
+        cpu,
         move || {
             let mut client = PricingServiceClient::new(channel.clone());
             async move {

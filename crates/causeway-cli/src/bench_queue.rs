@@ -187,7 +187,12 @@ async fn measure(
     let publish_backend = backend.clone();
     let publish_spec = spec.clone();
     let window_start_us = now_micros() + shape.warmup.as_micros() as u64;
-    let report = loadgen::run(name, shape, &|| None, move || {
+    let unknown = || None;
+    let cpu = loadgen::CpuMeters {
+        server: &unknown,
+        client: &unknown,
+    };
+    let report = loadgen::run(name, shape, cpu, move || {
         let backend = publish_backend.clone();
         let spec = publish_spec.clone();
         let body = body.clone();

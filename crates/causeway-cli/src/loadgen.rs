@@ -14,14 +14,25 @@ pub struct LoadReport {
     pub elapsed: Duration,
     pub p50: Duration,
     pub p99: Duration,
-    /// CPU the measured server processes used per request, if their pids were given.
+    /// CPU the measured servers used per request, where it could be read.
     pub server_cpu_per_request: Option<Duration>,
+    /// CPU the callers used per request (the workers here and the client code under them),
+    /// where it could be read.
+    pub client_cpu_per_request: Option<Duration>,
 }
 
 impl LoadReport {
     pub fn per_second(&self) -> f64 {
         self.requests as f64 / self.elapsed.as_secs_f64().max(f64::EPSILON)
     }
+}
+
+/// Where a workload's CPU time is read, each as the total used so far: by whatever serves it,
+/// and by the callers. `None` where it cannot be told apart.
+#[derive(Clone, Copy)]
+pub struct CpuMeters<'a> {
+    pub server: &'a (dyn Fn() -> Option<Duration> + Sync),
+    pub client: &'a (dyn Fn() -> Option<Duration> + Sync),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -31,14 +42,9 @@ pub struct LoadShape {
     pub duration: Duration,
 }
 
-/// Runs `call` from `shape.concurrency` workers; `server_cpu` reads the CPU time used so far by
-/// whatever serves the workload, and is charged per request.
-pub async fn run<F, Fut, E>(
-    name: &str,
-    shape: LoadShape,
-    server_cpu: &(dyn Fn() -> Option<Duration> + Sync),
-    call: F,
-) -> LoadReport
+/// Runs `call` from `shape.concurrency` workers; the CPU `cpu` reads over the measured time is
+/// charged per request.
+pub async fn run<F, Fut, E>(name: &str, shape: LoadShape, cpu: CpuMeters<'_>, call: F) -> LoadReport
 where
     F: Fn() -> Fut + Clone + Send + 'static,
     Fut: Future<Output = Result<(), E>> + Send,
@@ -59,7 +65,8 @@ where
         let _ = worker.await;
     }
 
-    let cpu_before = server_cpu();
+    let server_before = (cpu.server)();
+    let client_before = (cpu.client)();
     let started = Instant::now();
     let until = started + shape.duration;
     let workers: Vec<_> = (0..shape.concurrency)
@@ -96,10 +103,11 @@ where
         }
     }
     let elapsed = started.elapsed();
-    let cpu_after = server_cpu();
+    let server_after = (cpu.server)();
+    let client_after = (cpu.client)();
     latencies.sort_unstable();
     let requests = latencies.len() as u64;
-    let server_cpu_per_request = match (cpu_before, cpu_after) {
+    let per_request = |before: Option<Duration>, after: Option<Duration>| match (before, after) {
         (Some(before), Some(after)) if requests > 0 => {
             Some(after.saturating_sub(before) / u32::try_from(requests).unwrap_or(u32::MAX))
         }
@@ -112,7 +120,8 @@ where
         elapsed,
         p50: percentile(&latencies, 50.0),
         p99: percentile(&latencies, 99.0),
-        server_cpu_per_request,
+        server_cpu_per_request: per_request(server_before, server_after),
+        client_cpu_per_request: per_request(client_before, client_after),
     }
 }
 
@@ -173,20 +182,29 @@ pub fn thread_cpu_time(prefixes: &[&str]) -> Option<Duration> {
 pub fn render(reports: &[LoadReport]) -> String {
     let base = reports.first().map(LoadReport::per_second).unwrap_or(1.0);
     let mut out = format!(
-        "{:<44} {:>10} {:>9} {:>9} {:>12} {:>7} {:>7}\n",
-        "workload", "req/s", "p50 µs", "p99 µs", "server CPU/req", "vs 1st", "errors"
+        "{:<44} {:>10} {:>9} {:>9} {:>14} {:>14} {:>7} {:>7}\n",
+        "workload",
+        "req/s",
+        "p50 µs",
+        "p99 µs",
+        "server CPU/req",
+        "client CPU/req",
+        "vs 1st",
+        "errors"
     );
+    let micros = |cpu: Option<Duration>| {
+        cpu.map(|cpu| format!("{} µs", cpu.as_micros()))
+            .unwrap_or_else(|| "-".into())
+    };
     for report in reports {
         out.push_str(&format!(
-            "{:<44} {:>10.0} {:>9} {:>9} {:>12} {:>6.2}x {:>7}\n",
+            "{:<44} {:>10.0} {:>9} {:>9} {:>14} {:>14} {:>6.2}x {:>7}\n",
             report.name,
             report.per_second(),
             report.p50.as_micros(),
             report.p99.as_micros(),
-            report
-                .server_cpu_per_request
-                .map(|cpu| format!("{} µs", cpu.as_micros()))
-                .unwrap_or_else(|| "-".into()),
+            micros(report.server_cpu_per_request),
+            micros(report.client_cpu_per_request),
             report.per_second() / base,
             report.errors,
         ));
@@ -237,7 +255,17 @@ mod tests {
             duration: Duration::from_millis(100),
         };
         let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let report = run("test", shape, &|| None, move || {
+        // A server meter that reads 0 s before the measured window and 10 s after it.
+        let reads = std::sync::atomic::AtomicU64::new(0);
+        let server = || {
+            let read = reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Some(Duration::from_secs(10 * read))
+        };
+        let cpu = CpuMeters {
+            server: &server,
+            client: &|| None,
+        };
+        let report = run("test", shape, cpu, move || {
             let counter = counter.clone();
             async move {
                 let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -253,5 +281,12 @@ mod tests {
         assert!(report.requests > 5, "{report:?}");
         assert!(report.errors > 5, "{report:?}");
         assert!(report.p50 >= Duration::from_millis(1));
+        // Charged per successful request; an unreadable meter gives no figure, not zero.
+        let requests = u32::try_from(report.requests).unwrap();
+        assert_eq!(
+            report.server_cpu_per_request,
+            Some(Duration::from_secs(10) / requests)
+        );
+        assert_eq!(report.client_cpu_per_request, None);
     }
 }

@@ -334,6 +334,7 @@ fn run(command: Command, mut topology: Topology) -> anyhow::Result<ExitCode> {
             // The callers get one thread; the servers another (see `bench`).
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
+                .thread_name(bench::CLIENT_THREADS)
                 .enable_all()
                 .build()
                 .context("cannot start the async runtime")?;
