@@ -16,9 +16,8 @@
 //! one more `epoll_wait` per flush (`strace` of `causeway bench grpc` at one caller: 4.7 per call
 //! with it, 3.8 without). On a runtime with one worker (the benchmarks') a request always leaves
 //! in one write; with several, another worker can run the body task after the flush has gone
-//! out, and such a request takes two writes as before. Written by hand
-//! because neither hyper nor h2 offers it (they flush per poll) and no maintained crate provides
-//! a flush-deferring adapter.
+//! out, and such a request takes two writes as before. Written by hand because neither hyper nor
+//! h2 offers it (they flush per poll) and no maintained crate provides a flush-deferring adapter.
 
 use std::io;
 use std::pin::Pin;
