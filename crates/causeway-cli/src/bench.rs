@@ -4,8 +4,9 @@
 //! server on the same handler, both called through Causeway's client (`GrpcChannel`, as
 //! Inventory Service calls Pricing); Pricing Service again through tonic's own `Channel`; and
 //! REST/JSON over HTTP/1.1 and HTTP/2 (TLS); then streaming throughput (LivePricing,
-//! bidirectional). Servers run on a one-thread runtime of their own and the callers on another,
-//! in this process: compare the rows with each other, not with numbers taken elsewhere.
+//! bidirectional). The unary rows take turns in rounds, so that a busy machine's drift is shared
+//! among them. Servers run on a one-thread runtime of their own and the callers on another, in
+//! this process: compare the rows with each other, not with numbers taken elsewhere.
 
 use std::fmt::Write;
 use std::net::SocketAddr;
@@ -232,6 +233,8 @@ async fn serve_rest(
 }
 
 pub struct BenchOptions {
+    /// Turns each unary workload takes (see [`loadgen::run_in_rounds`]).
+    pub rounds: u32,
     pub concurrency: usize,
     pub duration: Duration,
     pub warmup: Duration,
@@ -248,6 +251,29 @@ where
     let mut request = tonic::Request::new(GetPriceRequest { sku: SKU.into() });
     request.set_timeout(Duration::from_secs(5));
     client.get_price(request).await.map(|_| ())
+}
+
+/// How `a`'s throughput compared with `b`'s round by round (turns of one round run back to back):
+/// the median and the middle half of the per-round ratios, which a burst of load from elsewhere
+/// on the machine moves less than the totals. Empty with fewer than four rounds.
+fn round_by_round(a: &LoadReport, b: &LoadReport) -> String {
+    let mut ratios: Vec<f64> = a
+        .turn_rates
+        .iter()
+        .zip(&b.turn_rates)
+        .map(|(a, b)| 100.0 * a / b.max(f64::EPSILON))
+        .collect();
+    if ratios.len() < 4 {
+        return String::new();
+    }
+    ratios.sort_by(f64::total_cmp);
+    let at = |quantile: f64| ratios[((ratios.len() - 1) as f64 * quantile).round() as usize];
+    format!(
+        " (round by round: median {:.1}%, middle half {:.1}-{:.1}%)",
+        at(0.5),
+        at(0.25),
+        at(0.75)
+    )
 }
 
 /// Runs the gRPC-versus-REST benchmark and returns its report.
@@ -342,30 +368,23 @@ async fn run_grpc(dir: &Path, options: &BenchOptions) -> anyhow::Result<String> 
         warmup: options.warmup,
         duration: options.duration,
     };
-    let mut reports: Vec<LoadReport> = Vec::new();
     // Pricing Service and bare tonic through the same client, Causeway's; then Pricing Service
     // through tonic's own `Channel`, which shows what the client side costs.
-    let unary_rows = [
-        ("gRPC unary, Pricing Service", full_addr, true),
-        ("gRPC unary, bare tonic, same handler", bare_addr, true),
-        (
-            "gRPC unary, Pricing Service, tonic Channel",
-            full_addr,
-            false,
-        ),
-    ];
-    for (name, addr, causeway_client) in unary_rows {
-        let report = if causeway_client {
-            let channel = causeway_channel(addr, &ca_path)?;
-            let call = move || get_price(PricingServiceClient::new(channel.clone()));
-            loadgen::run(name, shape, cpu, call).await
-        } else {
-            let channel = grpc_channel(addr, &ca_path).await?;
-            let call = move || get_price(PricingServiceClient::new(channel.clone()));
-            loadgen::run(name, shape, cpu, call).await
-        };
-        reports.push(report);
+    let mut unary = Vec::new();
+    for (name, addr) in [
+        ("gRPC unary, Pricing Service", full_addr),
+        ("gRPC unary, bare tonic, same handler", bare_addr),
+    ] {
+        let channel = causeway_channel(addr, &ca_path)?;
+        unary.push(loadgen::Workload::new(name, move || {
+            get_price(PricingServiceClient::new(channel.clone()))
+        }));
     }
+    let channel = grpc_channel(full_addr, &ca_path).await?;
+    unary.push(loadgen::Workload::new(
+        "gRPC unary, Pricing Service, tonic Channel",
+        move || get_price(PricingServiceClient::new(channel.clone())),
+    ));
     for (name, http2) in [("REST/JSON, HTTP/1.1", false), ("REST/JSON, HTTP/2", true)] {
         // HTTP/1.1: one keep-alive connection per worker; HTTP/2: one shared connection, as gRPC.
         let shared = if http2 {
@@ -386,25 +405,23 @@ async fn run_grpc(dir: &Path, options: &BenchOptions) -> anyhow::Result<String> 
         }
         let pool = Arc::new(pool);
         let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        reports.push(
-            loadgen::run(name, shape, cpu, move || {
-                let pool = pool.clone();
-                let turn = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                async move {
-                    let connection = &pool[turn % pool.len()];
-                    let mut guard = connection.lock().await;
-                    if let RestConnection::Http2(sender) = &*guard {
-                        // HTTP/2 multiplexes: hold the lock only to clone the sender.
-                        let mut shared = RestConnection::Http2(sender.clone());
-                        drop(guard);
-                        return shared.get_price().await;
-                    }
-                    guard.get_price().await
+        unary.push(loadgen::Workload::new(name, move || {
+            let pool = pool.clone();
+            let turn = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            async move {
+                let connection = &pool[turn % pool.len()];
+                let mut guard = connection.lock().await;
+                if let RestConnection::Http2(sender) = &*guard {
+                    // HTTP/2 multiplexes: hold the lock only to clone the sender.
+                    let mut shared = RestConnection::Http2(sender.clone());
+                    drop(guard);
+                    return shared.get_price().await;
                 }
-            })
-            .await,
-        );
+                guard.get_price().await
+            }
+        }));
     }
+    let reports: Vec<LoadReport> = loadgen::run_in_rounds(&unary, shape, options.rounds, cpu).await;
 
     let channel = causeway_channel(full_addr, &ca_path)?;
     let streaming = loadgen::run(
@@ -446,16 +463,18 @@ async fn run_grpc(dir: &Path, options: &BenchOptions) -> anyhow::Result<String> 
     servers.shutdown_background();
 
     let mut out = format!(
-        "causeway bench grpc: GetPrice({SKU}) with {} concurrent callers, {:?} each after {:?} warm-up, TLS everywhere\n\n",
-        options.concurrency, options.duration, options.warmup
+        "causeway bench grpc: GetPrice({SKU}) with {} concurrent callers, {:?} each after {:?} warm-up, TLS everywhere;\n\
+         unary workloads measured in {} rounds, taking turns in rotating order\n\n",
+        options.concurrency, options.duration, options.warmup, options.rounds
     );
     out.push_str(&loadgen::render(&reports));
     let full_rate = reports[0].per_second();
     let bare_rate = reports[1].per_second();
     let _ = writeln!(
         out,
-        "\nPricing Service reaches {:.1}% of the bare tonic server's throughput; gRPC p50 {} µs vs REST HTTP/1.1 {} µs, HTTP/2 {} µs",
+        "\nPricing Service reaches {:.1}% of the bare tonic server's throughput{}; gRPC p50 {} µs vs REST HTTP/1.1 {} µs, HTTP/2 {} µs",
         100.0 * full_rate / bare_rate.max(f64::EPSILON),
+        round_by_round(&reports[0], &reports[1]),
         reports[0].p50.as_micros(),
         reports[3].p50.as_micros(),
         reports[4].p50.as_micros(),

@@ -1,8 +1,15 @@
 //! A closed-loop load generator for `causeway bench`: `concurrency` workers each send a request,
 //! wait for the answer, and send the next, for a fixed time after a warm-up. Latencies are kept
 //! whole (one `u32` of microseconds per request), so percentiles are exact, not bucketed.
+//!
+//! Workloads compared with each other can be measured in rounds ([`run_in_rounds`]): each takes
+//! its turn for a slice of its time, in an order that rotates, and its slices are merged. On a
+//! shared machine, drift (another process, a CPU's clock, a cache that whichever ran first
+//! warmed) then falls on all of them alike instead of on whichever ran in that stretch.
 
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// What one workload measured.
@@ -19,6 +26,8 @@ pub struct LoadReport {
     /// CPU the callers used per request (the workers here and the client code under them),
     /// where it could be read.
     pub client_cpu_per_request: Option<Duration>,
+    /// Requests per second in each measured turn, in order (one entry unless run in rounds).
+    pub turn_rates: Vec<f64>,
 }
 
 impl LoadReport {
@@ -42,6 +51,61 @@ pub struct LoadShape {
     pub duration: Duration,
 }
 
+/// What measured windows of one workload saw, kept raw so that windows can be merged.
+#[derive(Debug, Default)]
+struct Sample {
+    /// Microseconds per successful request, unsorted.
+    latencies: Vec<u32>,
+    errors: u64,
+    elapsed: Duration,
+    server_cpu: Option<Duration>,
+    client_cpu: Option<Duration>,
+    /// Requests per second of each window merged in.
+    turn_rates: Vec<f64>,
+}
+
+impl Sample {
+    /// Nothing measured yet, to merge windows into: zero CPU until a window cannot read it.
+    fn accumulator() -> Self {
+        Sample {
+            server_cpu: Some(Duration::ZERO),
+            client_cpu: Some(Duration::ZERO),
+            ..Sample::default()
+        }
+    }
+
+    /// Adds another window's measurements; a CPU figure stays only if every window had one.
+    fn merge(&mut self, mut other: Sample) {
+        self.turn_rates.append(&mut other.turn_rates);
+        self.latencies.append(&mut other.latencies);
+        self.errors += other.errors;
+        self.elapsed += other.elapsed;
+        let add = |mine: Option<Duration>, theirs: Option<Duration>| Some(mine? + theirs?);
+        self.server_cpu = add(self.server_cpu, other.server_cpu);
+        self.client_cpu = add(self.client_cpu, other.client_cpu);
+    }
+
+    fn into_report(mut self, name: &str) -> LoadReport {
+        self.latencies.sort_unstable();
+        let requests = self.latencies.len() as u64;
+        let per_request = |cpu: Option<Duration>| match cpu {
+            Some(cpu) if requests > 0 => Some(cpu / u32::try_from(requests).unwrap_or(u32::MAX)),
+            _ => None,
+        };
+        LoadReport {
+            name: name.to_string(),
+            requests,
+            errors: self.errors,
+            elapsed: self.elapsed,
+            p50: percentile(&self.latencies, 50.0),
+            p99: percentile(&self.latencies, 99.0),
+            server_cpu_per_request: per_request(self.server_cpu),
+            client_cpu_per_request: per_request(self.client_cpu),
+            turn_rates: self.turn_rates,
+        }
+    }
+}
+
 /// Runs `call` from `shape.concurrency` workers; the CPU `cpu` reads over the measured time is
 /// charged per request.
 pub async fn run<F, Fut, E>(name: &str, shape: LoadShape, cpu: CpuMeters<'_>, call: F) -> LoadReport
@@ -50,8 +114,85 @@ where
     Fut: Future<Output = Result<(), E>> + Send,
     E: std::fmt::Display,
 {
-    let warm_until = Instant::now() + shape.warmup;
-    let workers: Vec<_> = (0..shape.concurrency)
+    warm_up(shape.concurrency, shape.warmup, &call).await;
+    measure(name, shape.concurrency, shape.duration, cpu, &call)
+        .await
+        .into_report(name)
+}
+
+type BoxedCall =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+
+/// A named workload for [`run_in_rounds`]: its calls are type-erased so that differently built
+/// clients can take turns.
+pub struct Workload {
+    name: String,
+    call: BoxedCall,
+}
+
+impl Workload {
+    pub fn new<F, Fut, E>(name: impl Into<String>, call: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: std::fmt::Display,
+    {
+        let call: BoxedCall = Arc::new(move || {
+            let call = call();
+            Box::pin(async move { call.await.map_err(|err| err.to_string()) })
+        });
+        Workload {
+            name: name.into(),
+            call,
+        }
+    }
+}
+
+/// Measures `workloads` in `rounds` turns each of `shape.duration / rounds`, the order rotating
+/// by one each round so that every workload leads as often as any other. Each workload warms up
+/// for `shape.warmup` before its first turn and for a `rounds`th of that before each later one.
+/// Reports come back in the order of `workloads`, each from all its turns merged.
+pub async fn run_in_rounds(
+    workloads: &[Workload],
+    shape: LoadShape,
+    rounds: u32,
+    cpu: CpuMeters<'_>,
+) -> Vec<LoadReport> {
+    let rounds = rounds.max(1);
+    let turn = shape.duration / rounds;
+    let mut samples: Vec<Sample> = workloads.iter().map(|_| Sample::accumulator()).collect();
+    for round in 0..rounds as usize {
+        for offset in 0..workloads.len() {
+            let index = (round + offset) % workloads.len();
+            let workload = &workloads[index];
+            let call = {
+                let call = workload.call.clone();
+                move || call()
+            };
+            let warmup = if round == 0 {
+                shape.warmup
+            } else {
+                shape.warmup / rounds
+            };
+            warm_up(shape.concurrency, warmup, &call).await;
+            let sample = measure(&workload.name, shape.concurrency, turn, cpu, &call).await;
+            samples[index].merge(sample);
+        }
+    }
+    samples
+        .into_iter()
+        .zip(workloads)
+        .map(|(sample, workload)| sample.into_report(&workload.name))
+        .collect()
+}
+
+async fn warm_up<F, Fut, E>(concurrency: usize, duration: Duration, call: &F)
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<(), E>> + Send,
+{
+    let warm_until = Instant::now() + duration;
+    let workers: Vec<_> = (0..concurrency)
         .map(|_| {
             let call = call.clone();
             tokio::spawn(async move {
@@ -64,12 +205,27 @@ where
     for worker in workers {
         let _ = worker.await;
     }
+}
 
+/// One measured window: `concurrency` workers calling for `duration`, with `cpu` read at its
+/// edges.
+async fn measure<F, Fut, E>(
+    name: &str,
+    concurrency: usize,
+    duration: Duration,
+    cpu: CpuMeters<'_>,
+    call: &F,
+) -> Sample
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<(), E>> + Send,
+    E: std::fmt::Display,
+{
     let server_before = (cpu.server)();
     let client_before = (cpu.client)();
     let started = Instant::now();
-    let until = started + shape.duration;
-    let workers: Vec<_> = (0..shape.concurrency)
+    let until = started + duration;
+    let workers: Vec<_> = (0..concurrency)
         .map(|_| {
             let call = call.clone();
             tokio::spawn(async move {
@@ -91,38 +247,27 @@ where
             })
         })
         .collect();
-    let mut latencies = Vec::new();
-    let mut errors = 0;
+    let mut sample = Sample::default();
     for worker in workers {
         if let Ok((mut worker_latencies, worker_errors, first_error)) = worker.await {
-            latencies.append(&mut worker_latencies);
-            errors += worker_errors;
+            sample.latencies.append(&mut worker_latencies);
+            sample.errors += worker_errors;
             if let Some(err) = first_error {
                 tracing::warn!(workload = name, error = %err, "requests failed during the benchmark");
             }
         }
     }
-    let elapsed = started.elapsed();
-    let server_after = (cpu.server)();
-    let client_after = (cpu.client)();
-    latencies.sort_unstable();
-    let requests = latencies.len() as u64;
-    let per_request = |before: Option<Duration>, after: Option<Duration>| match (before, after) {
-        (Some(before), Some(after)) if requests > 0 => {
-            Some(after.saturating_sub(before) / u32::try_from(requests).unwrap_or(u32::MAX))
-        }
+    sample.elapsed = started.elapsed();
+    sample
+        .turn_rates
+        .push(sample.latencies.len() as f64 / sample.elapsed.as_secs_f64().max(f64::EPSILON));
+    let used = |before: Option<Duration>, after: Option<Duration>| match (before, after) {
+        (Some(before), Some(after)) => Some(after.saturating_sub(before)),
         _ => None,
     };
-    LoadReport {
-        name: name.to_string(),
-        requests,
-        errors,
-        elapsed,
-        p50: percentile(&latencies, 50.0),
-        p99: percentile(&latencies, 99.0),
-        server_cpu_per_request: per_request(server_before, server_after),
-        client_cpu_per_request: per_request(client_before, client_after),
-    }
+    sample.server_cpu = used(server_before, (cpu.server)());
+    sample.client_cpu = used(client_before, (cpu.client)());
+    sample
 }
 
 /// The `p`th percentile of sorted microsecond latencies (nearest rank).
@@ -288,5 +433,65 @@ mod tests {
             Some(Duration::from_secs(10) / requests)
         );
         assert_eq!(report.client_cpu_per_request, None);
+    }
+
+    #[tokio::test]
+    async fn rounds_rotate_the_order_and_merge_every_turn() {
+        let shape = LoadShape {
+            concurrency: 2,
+            warmup: Duration::from_millis(6),
+            duration: Duration::from_millis(90),
+        };
+        // Which workload ran, once per change of turn.
+        let turns = Arc::new(std::sync::Mutex::new(Vec::<usize>::new()));
+        let workloads: Vec<Workload> = (0..3)
+            .map(|id| {
+                let turns = turns.clone();
+                Workload::new(format!("w{id}"), move || {
+                    let mut seen = turns.lock().unwrap();
+                    if seen.last() != Some(&id) {
+                        seen.push(id);
+                    }
+                    drop(seen);
+                    async move {
+                        tokio::time::sleep(Duration::from_millis(1 + id as u64)).await;
+                        Ok::<(), &str>(())
+                    }
+                })
+            })
+            .collect();
+        // Each measured turn reads the server meter at its start and end: one second apart.
+        let reads = std::sync::atomic::AtomicU64::new(0);
+        let server = || {
+            let read = reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Some(Duration::from_secs(read))
+        };
+        let cpu = CpuMeters {
+            server: &server,
+            client: &|| None,
+        };
+        let reports = run_in_rounds(&workloads, shape, 3, cpu).await;
+
+        assert_eq!(*turns.lock().unwrap(), [0, 1, 2, 1, 2, 0, 2, 0, 1]);
+        let names: Vec<&str> = reports.iter().map(|report| report.name.as_str()).collect();
+        assert_eq!(names, ["w0", "w1", "w2"]);
+        for report in &reports {
+            assert!(report.requests > 3, "{report:?}");
+            assert!(report.elapsed >= shape.duration, "{report:?}");
+            // Three turns, one second of server CPU each, charged over all their requests.
+            let requests = u32::try_from(report.requests).unwrap();
+            assert_eq!(
+                report.server_cpu_per_request,
+                Some(Duration::from_secs(3) / requests),
+                "{report:?}"
+            );
+            assert_eq!(report.client_cpu_per_request, None);
+        }
+        // The slower calls made fewer requests in the same time, turn by turn.
+        assert!(reports[0].requests > reports[2].requests, "{reports:?}");
+        assert_eq!(reports[0].turn_rates.len(), 3);
+        for (fast, slow) in reports[0].turn_rates.iter().zip(&reports[2].turn_rates) {
+            assert!(fast > slow, "{reports:?}");
+        }
     }
 }

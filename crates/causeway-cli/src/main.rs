@@ -147,7 +147,12 @@ enum BenchTarget {
         serve_upstream: Option<SocketAddr>,
     },
     /// gRPC unary vs REST/JSON (HTTP/1.1, HTTP/2), Pricing Service vs bare tonic, streaming.
-    Grpc,
+    Grpc {
+        /// The unary workloads take turns in this many rounds (order rotating), each measured for
+        /// its share of `--seconds`, so that drift on a busy machine falls on all of them alike.
+        #[arg(long, default_value_t = 10)]
+        rounds: u32,
+    },
     /// Publish+consume through the embedded broker, RabbitMQ and MQTT: msgs/s and latency.
     Queue {
         /// RabbitMQ to compare with (skipped if unreachable).
@@ -321,12 +326,13 @@ fn run(command: Command, mut topology: Topology) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {
-            target: BenchTarget::Grpc,
+            target: BenchTarget::Grpc { rounds },
             concurrency,
             seconds,
             warmup,
         } => {
             let options = bench::BenchOptions {
+                rounds: rounds.max(1),
                 concurrency: concurrency.max(1),
                 duration: std::time::Duration::from_secs(seconds.max(1)),
                 warmup: std::time::Duration::from_secs(warmup),
