@@ -88,9 +88,34 @@ pub async fn termination_signal() {
     }
 }
 
+/// What serves one connection's requests: a hyper service whose futures and body can move
+/// between threads. Implemented for every such service; it names the bounds once for the
+/// serving functions below.
+pub trait ConnectionService:
+    Service<
+        Request<Incoming>,
+        Response = Response<Self::ResponseBody>,
+        Future: Send + 'static,
+        Error: Into<BoxError>,
+    > + Send
+    + 'static
+{
+    type ResponseBody: Body<Data: Send, Error: Into<BoxError>> + Send + 'static;
+}
+
+impl<S, B> ConnectionService for S
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body<Data: Send, Error: Into<BoxError>> + Send + 'static,
+{
+    type ResponseBody = B;
+}
+
 /// Accepts connections until shutdown, serving each with the service `make_service` builds for
 /// the peer address; then lets open connections finish for up to `drain`.
-pub async fn serve<M, S, B>(
+pub async fn serve<M, S>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     make_service: M,
@@ -98,12 +123,7 @@ pub async fn serve<M, S, B>(
     drain: Duration,
 ) where
     M: Fn(SocketAddr) -> S,
-    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: ConnectionService,
 {
     serve_limited(
         listener,
@@ -146,28 +166,88 @@ impl Admission for Unlimited {
 /// header-read timeout on hyper's builders; each connection admitted by `admission` (max
 /// connections).
 /// Body size and request timeout are the service's to enforce, since it answers for them.
-pub async fn serve_limited<M, S, B, A>(
+pub async fn serve_limited<M, S, A>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     make_service: M,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
     drain: Duration,
     limits: Option<&Limits>,
     admission: A,
 ) where
     M: Fn(SocketAddr) -> S,
-    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: ConnectionService,
     A: Admission,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     if let Some(limits) = limits {
         limits.apply_auto(&mut builder);
     }
+    serve_with(
+        listener,
+        tls,
+        make_service,
+        shutdown,
+        drain,
+        builder,
+        admission,
+    )
+    .await
+}
+
+/// How often an idle HTTP/2 connection is pinged, and how long the answer may take before the
+/// connection is closed ([`serve_http2`]).
+#[derive(Clone, Copy, Debug)]
+pub struct KeepAlive {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+/// [`serve`] for a protocol that runs only over HTTP/2 (gRPC): a connection that does not start
+/// with the HTTP/2 preface is refused, and idle connections are pinged as `keep_alive` says, so
+/// that a peer that vanished without closing is noticed.
+pub async fn serve_http2<M, S>(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    make_service: M,
+    shutdown: Shutdown,
+    drain: Duration,
+    keep_alive: KeepAlive,
+) where
+    M: Fn(SocketAddr) -> S,
+    S: ConnectionService,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new()).http2_only();
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(keep_alive.interval)
+        .keep_alive_timeout(keep_alive.timeout);
+    serve_with(
+        listener,
+        tls,
+        make_service,
+        shutdown,
+        drain,
+        builder,
+        Unlimited,
+    )
+    .await
+}
+
+async fn serve_with<M, S, A>(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    make_service: M,
+    mut shutdown: Shutdown,
+    drain: Duration,
+    builder: auto::Builder<TokioExecutor>,
+    admission: A,
+) where
+    M: Fn(SocketAddr) -> S,
+    S: ConnectionService,
+    A: Admission,
+{
     let graceful = GracefulShutdown::new();
     let builder = Arc::new(builder);
     while let Some((stream, peer)) = accept(&listener, &mut shutdown).await {

@@ -25,21 +25,22 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::future::Future;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use causeway_client::grpc::code_name;
+use causeway_core::serve::{KeepAlive, shutdown_channel};
 use causeway_core::server_timing::{self, SERVER_TIMING};
 use causeway_core::telemetry::{HistogramFamily, Metrics, latency_histogram};
 use causeway_core::tls::CertPaths;
-use causeway_core::trace_context::{REQUEST_ID, TRACEPARENT, TraceContext};
+use causeway_core::trace_context::{REQUEST_ID, TraceContext};
 use causeway_proto::pricing::v1::pricing_service_server::{PricingService, PricingServiceServer};
 use causeway_proto::pricing::v1::{
     BasketItem, Counter as CounterOffer, GetPriceRequest, Offer, Price, PriceUpdate, Quote,
     QuoteLine, StreamPricesRequest,
 };
 use http::{HeaderMap, HeaderName, HeaderValue};
+use hyper_util::service::TowerToHyperService;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -49,10 +50,9 @@ use sqlx::Row;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataMap;
-use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::service::Routes;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::db::{self, Database};
@@ -72,6 +72,11 @@ pub const SERVER_TIMING_REQUEST: &str = "causeway-server-timing";
 /// `Server-Timing` entry names in unary answers' `server-timing` metadata.
 pub const TIMING_DB: &str = "pricing-db";
 pub const TIMING_SERVICE: &str = "pricing-service";
+/// The request headers read on every call, as names that need no parsing per lookup (a `&str`
+/// key is parsed and validated each time).
+const GRPC_TIMEOUT_HEADER: HeaderName = HeaderName::from_static("grpc-timeout");
+const SERVER_TIMING_REQUEST_HEADER: HeaderName = HeaderName::from_static(SERVER_TIMING_REQUEST);
+const DEBUG_DELAY_HEADER: HeaderName = HeaderName::from_static(DEBUG_DELAY_METADATA);
 
 const MAX_DEBUG_DELAY: Duration = Duration::from_secs(30);
 const MAX_STREAM_SKUS: usize = 32;
@@ -112,18 +117,10 @@ const SCHEMA_AND_SEED: &[&str] = &[
 pub enum PricingError {
     #[error(transparent)]
     Service(#[from] ServiceError),
-    #[error("cannot read the TLS {what} {path}: {source}")]
-    ReadTls {
-        what: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("invalid gRPC TLS configuration: {0}")]
-    Tls(#[source] tonic::transport::Error),
+    #[error("gRPC TLS: {0}")]
+    Tls(#[from] causeway_core::tls::TlsError),
     #[error("cannot build gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
-    #[error("gRPC server failed: {0}")]
-    Serve(#[source] tonic::transport::Error),
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
@@ -320,8 +317,11 @@ pub async fn serve(
     tls: &CertPaths,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), PricingError> {
-    let cert = read_pem("certificate", &tls.cert).await?;
-    let key = read_pem("key", &tls.key).await?;
+    let mut tls_config = causeway_core::tls::server_config(tls)?;
+    // gRPC runs over HTTP/2 only: a client that cannot speak it fails at the handshake, with
+    // a TLS alert that says so, instead of on its first request.
+    Arc::make_mut(&mut tls_config).alpn_protocols = vec![b"h2".to_vec()];
+    let tls = tokio_rustls::TlsAcceptor::from(tls_config);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<PricingServiceServer<Pricing>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -330,7 +330,6 @@ pub async fn serve(
         .build_v1()?;
 
     let (stop_streams, stopping) = watch::channel(false);
-    let (stopped, mut draining) = watch::channel(false);
     let instance = app.instance.clone();
     let pricing = PricingServiceServer::new(Pricing {
         inner: Arc::new(Inner {
@@ -342,15 +341,15 @@ pub async fn serve(
     })
     .max_decoding_message_size(MAX_REQUEST_BYTES);
     let addr = listener.local_addr()?;
-    let incoming = TcpListenerStream::new(listener).map(|connection| {
-        if let Ok(stream) = &connection {
-            // Small messages: do not let Nagle's algorithm hold them back.
-            let _ = stream.set_nodelay(true);
-        }
-        connection
-    });
+    let routes = Routes::new(health_service)
+        .add_service(reflection)
+        .add_service(pricing)
+        .prepare();
+    tracing::info!(%instance, %addr, "pricing gRPC server listening (TLS, HTTP/2)");
+    let (stop_serving, serving_stopped) = shutdown_channel();
     let signal = async move {
         shutdown.await;
+        tracing::info!(%instance, "stopping: NOT_SERVING, streams ended, draining calls in flight");
         health
             .set_service_status("", tonic_health::ServingStatus::NotServing)
             .await;
@@ -358,46 +357,24 @@ pub async fn serve(
             .set_not_serving::<PricingServiceServer<Pricing>>()
             .await;
         let _ = stop_streams.send(true);
-        let _ = stopped.send(true);
+        stop_serving.fire();
     };
-    let server = Server::builder()
-        .tls_config(
-            ServerTlsConfig::new()
-                .identity(Identity::from_pem(cert, key))
-                .timeout(Duration::from_secs(10)),
-        )
-        .map_err(PricingError::Tls)?
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(pricing)
-        .serve_with_incoming_shutdown(incoming, signal);
-    tracing::info!(%instance, %addr, "pricing gRPC server listening (TLS, HTTP/2)");
-    let drained = async move {
-        if draining.wait_for(|fired| *fired).await.is_err() {
-            std::future::pending::<()>().await;
-        }
-        tracing::info!(%instance, "stopping: NOT_SERVING, streams ended, draining calls in flight");
-        tokio::time::sleep(DRAIN).await;
-    };
-    tokio::select! {
-        result = server => result.map_err(PricingError::Serve),
-        _ = drained => {
-            tracing::warn!("gRPC calls still open after the drain period; closing them");
-            Ok(())
-        }
-    }
-}
-
-async fn read_pem(what: &'static str, path: &Path) -> Result<Vec<u8>, PricingError> {
-    tokio::fs::read(path)
-        .await
-        .map_err(|source| PricingError::ReadTls {
-            what,
-            path: path.to_path_buf(),
-            source,
-        })
+    // Served by the machinery every other component uses, not tonic's transport server, whose
+    // grpc-timeout layer would start a second deadline timer per call (the methods above keep
+    // the caller's deadline themselves) among layers this service does not use.
+    let server = causeway_core::serve::serve_http2(
+        listener,
+        Some(tls),
+        move |_| TowerToHyperService::new(routes.clone()),
+        serving_stopped,
+        DRAIN,
+        KeepAlive {
+            interval: Duration::from_secs(10),
+            timeout: Duration::from_secs(5),
+        },
+    );
+    tokio::join!(signal, server);
+    Ok(())
 }
 
 /// Whether `sku` is `SKU-` followed by exactly four ASCII digits.
@@ -482,13 +459,13 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
-/// When this server gives up on a call: the caller's `grpc-timeout`, a moment early. tonic's own
-/// server timer for the same header answers `CANCELLED` (its mapping of an expired timer); firing
-/// first makes the caller get `DEADLINE_EXCEEDED`, and streams (which tonic's timer does not
-/// cover) end on time too.
+/// When this server gives up on a call: the caller's `grpc-timeout`, a moment early, so that the
+/// caller gets this server's `DEADLINE_EXCEEDED` (saying what stopped) before its own timer
+/// fires. Streams end on time too.
 fn call_deadline(metadata: &MetadataMap, received: Instant) -> Option<Instant> {
     let timeout = metadata
-        .get("grpc-timeout")
+        .as_ref()
+        .get(GRPC_TIMEOUT_HEADER)
         .and_then(|value| value.to_str().ok())
         .and_then(parse_grpc_timeout)?;
     let margin = (timeout / 50).clamp(Duration::from_millis(1), Duration::from_millis(10));
@@ -627,20 +604,12 @@ struct Call {
 impl Call {
     fn begin(inner: &Arc<Inner>, method: Method, metadata: &MetadataMap, streaming: bool) -> Self {
         let received = Instant::now();
-        // Only the two headers the trace context reads, not a copy of all the metadata.
-        let mut headers = HeaderMap::with_capacity(2);
-        for name in [TRACEPARENT, REQUEST_ID] {
-            if let Some(Ok(value)) = metadata
-                .get(name.as_str())
-                .map(|value| HeaderValue::from_bytes(value.as_bytes()))
-            {
-                headers.insert(name, value);
-            }
-        }
-        let trace = TraceContext::continue_from(&headers);
+        let headers: &HeaderMap = metadata.as_ref();
+        let trace = TraceContext::continue_from(headers);
         let request_id = headers
-            .remove(REQUEST_ID)
-            .filter(|value| value.as_bytes() == trace.request_id.as_bytes());
+            .get(REQUEST_ID)
+            .filter(|value| value.as_bytes() == trace.request_id.as_bytes())
+            .cloned();
         if streaming {
             inner.metrics(method).active_streams().inc();
         }
@@ -1022,11 +991,11 @@ fn counter_offer(offer: &Offer, list_cents: i64, round: u32) -> CounterOffer {
 }
 
 fn wants_timing(metadata: &MetadataMap) -> bool {
-    metadata.contains_key(SERVER_TIMING_REQUEST)
+    metadata.as_ref().contains_key(SERVER_TIMING_REQUEST_HEADER)
 }
 
 fn debug_delay(metadata: &MetadataMap) -> Result<Duration, Status> {
-    let Some(value) = metadata.get(DEBUG_DELAY_METADATA) else {
+    let Some(value) = metadata.as_ref().get(DEBUG_DELAY_HEADER) else {
         return Ok(Duration::ZERO);
     };
     value

@@ -843,8 +843,28 @@ async fn health_reflection_and_graceful_shutdown() {
     let dir = TestDir::new("health");
     let pki = pki(&dir.0);
     let mut instance = PricingInstance::start(&dir.0, &pki, 0).await;
-    let channel = direct_channel(instance.addr, &pki.ca, "pricing-service.internal").await;
 
+    // gRPC is HTTP/2 only: a client that offers only HTTP/1.1 is told so at the handshake.
+    let http1_only = causeway_core::tls::client_config_with_alpn(&pki.ca, &[b"http/1.1"])
+        .expect("client TLS config");
+    let tcp = tokio::net::TcpStream::connect(instance.addr)
+        .await
+        .expect("connect");
+    let refused = tokio_rustls::TlsConnector::from(http1_only)
+        .connect(
+            tokio_rustls::rustls::pki_types::ServerName::try_from("pricing-service.internal")
+                .expect("name"),
+            tcp,
+        )
+        .await
+        .map(|_| ())
+        .expect_err("an HTTP/1.1-only handshake is refused");
+    assert!(
+        refused.to_string().contains("NoApplicationProtocol"),
+        "{refused}"
+    );
+
+    let channel = direct_channel(instance.addr, &pki.ca, "pricing-service.internal").await;
     let mut health = HealthClient::new(channel.clone());
     for service in ["", "pricing.v1.PricingService"] {
         let status = health
