@@ -360,7 +360,13 @@ impl GrpcBalancer {
             // The channel enforces `timeout` itself; this bounds a wait for a ready instance too.
             let outcome =
                 match tokio::time::timeout(timeout, call(self.channel.clone(), request)).await {
-                    Ok(outcome) => outcome.map_err(connection_status),
+                    Ok(outcome) => outcome.map_err(|status| {
+                        deadline_status(
+                            connection_status(status),
+                            attempt_started.elapsed(),
+                            timeout,
+                        )
+                    }),
                     Err(_) => Err(Status::deadline_exceeded(format!(
                         "{method} on {}: no answer within {timeout:?}",
                         self.service
@@ -447,11 +453,46 @@ fn connection_status(status: Status) -> Status {
     status
 }
 
+/// Reads a `CANCELLED` that arrives once the attempt's timeout has passed as `DEADLINE_EXCEEDED`.
+/// A server that enforces the `grpc-timeout` it was sent cancels the call when it fires (tonic's
+/// server answers `CANCELLED: Timeout expired`); its timer starts after this side's, yet on a busy
+/// machine its answer can be read before this side's own timer is polled. Either way the
+/// caller's deadline is what ended the call, and the caller must be told so.
+fn deadline_status(status: Status, waited: Duration, timeout: Duration) -> Status {
+    if status.code() != Code::Cancelled || waited < timeout {
+        return status;
+    }
+    Status::deadline_exceeded(format!(
+        "no answer within {timeout:?}; the instance cancelled the call at the deadline: {}",
+        status.message()
+    ))
+}
+
 /// Sets `traceparent` (this hop as the parent) and `x-request-id` in outgoing gRPC metadata.
 pub fn inject_trace(metadata: &mut MetadataMap, trace: &TraceContext) {
     let mut headers = std::mem::take(metadata).into_headers();
     trace.inject(&mut headers);
     *metadata = MetadataMap::from_headers(headers);
+}
+
+/// Parses a `grpc-timeout` value: up to 8 digits and a unit (H, M, S, m, u, n), per gRPC's
+/// HTTP/2 protocol. Shared by the client's channel, which bounds its wait by it, and by servers,
+/// which end the call by it.
+pub fn parse_grpc_timeout(value: &[u8]) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let amount: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b"H" => Duration::from_secs(amount * 3600),
+        b"M" => Duration::from_secs(amount * 60),
+        b"S" => Duration::from_secs(amount),
+        b"m" => Duration::from_millis(amount),
+        b"u" => Duration::from_micros(amount),
+        b"n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
 }
 
 /// The canonical name of a status code (`OK`, `DEADLINE_EXCEEDED`, ...), as gRPC's
@@ -611,6 +652,35 @@ mod tests {
     }
 
     #[test]
+    fn a_cancel_at_the_deadline_reads_as_deadline_exceeded() {
+        let timeout = Duration::from_millis(300);
+        let late = deadline_status(
+            Status::cancelled("Timeout expired"),
+            Duration::from_millis(301),
+            timeout,
+        );
+        assert_eq!(late.code(), Code::DeadlineExceeded);
+        assert!(late.message().contains("Timeout expired"), "{late:?}");
+
+        let early = deadline_status(
+            Status::cancelled("client went away"),
+            Duration::from_millis(120),
+            timeout,
+        );
+        assert_eq!(
+            early.code(),
+            Code::Cancelled,
+            "a cancel before the deadline stays"
+        );
+        let answered = deadline_status(
+            Status::internal("too late"),
+            Duration::from_millis(400),
+            timeout,
+        );
+        assert_eq!(answered.code(), Code::Internal, "a real answer stays");
+    }
+
+    #[test]
     fn trace_context_lands_in_metadata() {
         let trace = TraceContext::continue_from(&http::HeaderMap::new());
         let mut metadata = MetadataMap::new();
@@ -623,6 +693,24 @@ mod tests {
             trace.request_id
         );
         assert_eq!(metadata.get("x-other").unwrap(), "kept");
+    }
+
+    #[test]
+    fn grpc_timeouts_parse_per_the_protocol() {
+        let parse = |value: &str| parse_grpc_timeout(value.as_bytes());
+        assert_eq!(parse("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(parse("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse("1M"), Some(Duration::from_secs(60)));
+        assert_eq!(parse("100u"), Some(Duration::from_micros(100)));
+        assert_eq!(parse("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        assert_eq!(parse("m"), None, "no digits");
+        assert_eq!(parse("123456789m"), None, "more than 8 digits");
+        assert_eq!(parse("10x"), None, "unknown unit");
+        assert_eq!(parse("-1m"), None, "a sign is not a digit");
+        assert_eq!(parse("+1m"), None, "a sign is not a digit");
+        assert_eq!(parse("1 m"), None);
+        assert_eq!(parse(""), None);
     }
 
     #[test]

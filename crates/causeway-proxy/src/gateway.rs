@@ -2296,7 +2296,11 @@ mod tests {
         // A drain with no tunnels open ends at once.
         let again = Instant::now();
         gateway.drain_tunnels(Duration::from_secs(5)).await;
-        assert!(again.elapsed() < Duration::from_millis(100));
+        assert!(
+            again.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            again.elapsed()
+        );
     }
 
     #[tokio::test]

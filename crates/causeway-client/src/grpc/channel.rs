@@ -25,6 +25,8 @@ use tonic::Status;
 use crate::connection::Connections;
 use crate::discovery::Endpoint;
 
+use super::parse_grpc_timeout;
+
 /// An instance in rotation, with the requests now in flight to it.
 #[derive(Debug)]
 pub(super) struct Member {
@@ -255,24 +257,6 @@ impl Body for SyncRequestBody {
     }
 }
 
-/// `grpc-timeout`: up to 8 digits and a unit (H, M, S, m, u, n), per the gRPC HTTP/2 protocol.
-fn parse_grpc_timeout(value: &[u8]) -> Option<Duration> {
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    if digits.is_empty() || digits.len() > 8 {
-        return None;
-    }
-    let amount: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
-    Some(match unit {
-        b"H" => Duration::from_secs(amount * 3600),
-        b"M" => Duration::from_secs(amount * 60),
-        b"S" => Duration::from_secs(amount),
-        b"m" => Duration::from_millis(amount),
-        b"u" => Duration::from_micros(amount),
-        b"n" => Duration::from_nanos(amount),
-        _ => return None,
-    })
-}
-
 fn splitmix64(seed: u64) -> u64 {
     let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -283,28 +267,6 @@ fn splitmix64(seed: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn grpc_timeouts_parse_per_the_protocol() {
-        assert_eq!(
-            parse_grpc_timeout(b"250m"),
-            Some(Duration::from_millis(250))
-        );
-        assert_eq!(parse_grpc_timeout(b"3S"), Some(Duration::from_secs(3)));
-        assert_eq!(parse_grpc_timeout(b"2H"), Some(Duration::from_secs(7200)));
-        assert_eq!(
-            parse_grpc_timeout(b"100u"),
-            Some(Duration::from_micros(100))
-        );
-        assert_eq!(parse_grpc_timeout(b"m"), None, "no digits");
-        assert_eq!(
-            parse_grpc_timeout(b"123456789m"),
-            None,
-            "more than 8 digits"
-        );
-        assert_eq!(parse_grpc_timeout(b"10x"), None, "unknown unit");
-        assert_eq!(parse_grpc_timeout(b""), None);
-    }
 
     fn rotation(count: usize) -> Snapshot {
         Snapshot {
@@ -321,10 +283,17 @@ mod tests {
     }
 
     fn channel_over(snapshot: Snapshot) -> GrpcChannel {
-        let dir =
-            std::env::temp_dir().join(format!("causeway-grpc-channel-{}", std::process::id()));
+        // A CA of its own per channel: tests run in parallel, and two creating one CA in the same
+        // directory would read each other's half-written files.
+        static NEXT_DIR: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "causeway-grpc-channel-{}-{}",
+            std::process::id(),
+            NEXT_DIR.fetch_add(1, Ordering::Relaxed)
+        ));
         let ca = causeway_core::tls::LocalCa::load_or_create(&dir).unwrap();
         let tls = causeway_core::tls::client_config(&ca.ca_cert_path()).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
         let (_, rotation) = watch::channel(snapshot);
         GrpcChannel::new(
             "pricing-service",
