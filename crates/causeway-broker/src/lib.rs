@@ -71,18 +71,10 @@ pub enum BrokerError {
     Closed,
     #[error("cannot issue the broker's certificate: {0}")]
     Certificate(#[from] causeway_core::tls::TlsError),
-    #[error("cannot read the TLS {what} {path}: {source}")]
-    ReadTls {
-        what: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("invalid TLS configuration: {0}")]
-    TlsConfig(#[source] tonic::transport::Error),
+    #[error("cannot load the broker's TLS certificate: {0}")]
+    ServerTls(#[source] causeway_core::tls::TlsError),
     #[error("cannot listen: {0}")]
     Bind(std::io::Error),
-    #[error("the gRPC server failed: {0}")]
-    Serve(#[source] tonic::transport::Error),
 }
 
 impl BrokerError {

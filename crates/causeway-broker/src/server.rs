@@ -2,27 +2,31 @@
 //!
 //! Why gRPC with bidirectional streams: HTTP/2 gives per-stream flow control, so a slow consumer
 //! pushes back on the broker without blocking other streams on the connection; TLS comes with
-//! tonic and the local CA every other Causeway component already uses; and one long-lived stream
+//! rustls and the local CA every other Causeway component already uses; and one long-lived stream
 //! lets a publisher keep many messages in flight, each confirmed by correlation number as soon as
 //! its group commit lands, instead of paying a round trip plus an fsync per message. Consumers
 //! settle on the same stream their deliveries arrive on, so the broker knows which consumer a
 //! delivery belongs to and returns its unsettled deliveries when the stream ends.
 
 use std::future::Future;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use causeway_core::queue_policy::QueuePolicy;
+use causeway_core::serve::{KeepAlive, serve_http2, shutdown_channel};
 use causeway_core::tls::CertPaths;
 use causeway_proto::broker::v1 as pb;
-use futures_util::StreamExt;
+use hyper::body::Incoming;
+use hyper_util::service::TowerToHyperService;
 use pb::broker_server::{Broker as BrokerApi, BrokerServer};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc, watch};
-use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
-use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::service::Routes;
+use tonic::transport::server::TcpConnectInfo;
 use tonic::{Request, Response, Status, Streaming};
+use tower::ServiceExt;
 
 use crate::{Broker, BrokerError, ConsumerEvent, SettleAction};
 
@@ -320,72 +324,59 @@ impl BrokerApi for Service {
     }
 }
 
-/// Serves `causeway.broker.v1.Broker` and `grpc.health.v1` over TLS (HTTP/2) on `listener`
-/// until `shutdown` resolves; then ends open streams with `UNAVAILABLE` and lets unary calls in
-/// flight finish for up to two seconds. The broker stays open (close it with [`Broker::close`]).
+/// Serves `causeway.broker.v1.Broker` and `grpc.health.v1` over TLS (HTTP/2 only) on `listener`
+/// until `shutdown` resolves; then reports NOT_SERVING, ends open streams with `UNAVAILABLE`, and
+/// lets unary calls in flight finish for up to two seconds. The broker stays open (close it with
+/// [`Broker::close`]).
+///
+/// Served by `causeway_core`'s HTTP/2 loop, like every other Causeway server (the same accept
+/// loop, TLS handshake timeout, keep-alive and drain), rather than tonic's transport server.
 pub async fn serve(
     broker: Broker,
     listener: TcpListener,
     certs: &CertPaths,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), BrokerError> {
-    let cert = read_pem("certificate", &certs.cert).await?;
-    let key = read_pem("key", &certs.key).await?;
+    let tls = TlsAcceptor::from(
+        causeway_core::tls::grpc_server_config(certs).map_err(BrokerError::ServerTls)?,
+    );
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<BrokerServer<Service>>().await;
     let (stop_streams, stopping) = watch::channel(false);
-    let (stopped_tx, mut draining) = watch::channel(false);
     let service = BrokerServer::new(Service { broker, stopping })
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let routes = Routes::new(health_service).add_service(service).prepare();
     let addr = listener.local_addr().map_err(BrokerError::Bind)?;
-    let incoming = TcpListenerStream::new(listener).map(|connection| {
-        if let Ok(stream) = &connection {
-            // Confirms and settles are small: do not let Nagle's algorithm hold them back.
-            let _ = stream.set_nodelay(true);
-            tracing::debug!(event = "broker.connection", peer = ?stream.peer_addr().ok(), "TCP connection accepted");
-        }
-        connection
-    });
+    let (stop_serving, serving_stopped) = shutdown_channel();
     let signal = async move {
         shutdown.await;
         health.set_not_serving::<BrokerServer<Service>>().await;
         let _ = stop_streams.send(true);
-        let _ = stopped_tx.send(true);
+        stop_serving.fire();
     };
-    let server = Server::builder()
-        .tls_config(
-            ServerTlsConfig::new()
-                .identity(Identity::from_pem(cert, key))
-                .timeout(Duration::from_secs(10)),
-        )
-        .map_err(BrokerError::TlsConfig)?
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
-        .add_service(health_service)
-        .add_service(service)
-        .serve_with_incoming_shutdown(incoming, signal);
     tracing::info!(event = "broker.listening", %addr, "broker gRPC server listening (TLS, HTTP/2)");
-    let drained = async move {
-        if draining.wait_for(|fired| *fired).await.is_err() {
-            std::future::pending::<()>().await;
-        }
-        tokio::time::sleep(DRAIN).await;
-    };
-    tokio::select! {
-        result = server => result.map_err(BrokerError::Serve),
-        _ = drained => {
-            tracing::warn!("broker calls still open after the drain period; closing them");
-            Ok(())
-        }
-    }
-}
-
-async fn read_pem(what: &'static str, path: &Path) -> Result<Vec<u8>, BrokerError> {
-    tokio::fs::read(path)
-        .await
-        .map_err(|source| BrokerError::ReadTls {
-            what,
-            path: path.to_path_buf(),
-            source,
-        })
+    let server = serve_http2(
+        listener,
+        Some(tls),
+        move |peer| {
+            tracing::debug!(event = "broker.connection", %peer, "TCP connection accepted");
+            // Where tonic's `Request::remote_addr` looks for the peer, so that the stream logs
+            // name the publisher or consumer.
+            let connection = TcpConnectInfo {
+                local_addr: Some(addr),
+                remote_addr: Some(peer),
+            };
+            TowerToHyperService::new(routes.clone().map_request(
+                move |mut request: http::Request<Incoming>| {
+                    request.extensions_mut().insert(connection.clone());
+                    request
+                },
+            ))
+        },
+        serving_stopped,
+        DRAIN,
+        KeepAlive::default(),
+    );
+    tokio::join!(signal, server);
+    Ok(())
 }

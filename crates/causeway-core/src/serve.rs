@@ -203,6 +203,17 @@ pub struct KeepAlive {
     pub timeout: Duration,
 }
 
+impl Default for KeepAlive {
+    /// A ping every 10 s, answered within 5 s: a peer that vanished without closing is noticed
+    /// within 15 s. Causeway's gRPC servers (Pricing, the broker) use these.
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(10),
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
 /// [`serve`] for a protocol that runs only over HTTP/2 (gRPC): a connection that does not start
 /// with the HTTP/2 preface is refused, and idle connections are pinged as `keep_alive` says, so
 /// that a peer that vanished without closing is noticed.

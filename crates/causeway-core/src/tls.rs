@@ -198,6 +198,14 @@ pub fn server_config(paths: &CertPaths) -> Result<Arc<rustls::ServerConfig>, Tls
     Ok(Arc::new(config))
 }
 
+/// A server configuration offering HTTP/2 only, for gRPC servers: a client that cannot speak
+/// HTTP/2 fails at the handshake, with a TLS alert that says so, instead of on its first request.
+pub fn grpc_server_config(paths: &CertPaths) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let mut config = server_config(paths)?;
+    Arc::make_mut(&mut config).alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
 /// Where the certificate of the TLS Secret `secret` (an Ingress `spec.tls[].secretName`) lives
 /// in the CA's directory `tls_dir`: `secret-<name>.pem` and `secret-<name>-key.pem`.
 pub fn secret_cert(tls_dir: &Path, secret: &str) -> Result<CertPaths, TlsError> {
@@ -540,6 +548,45 @@ mod tests {
             .connect(name, client_end)
             .await
             .expect("the wildcard certificate verifies for x.apps.example.com");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn grpc_servers_agree_on_h2_and_refuse_http1_only_clients() {
+        let dir = temp_dir("grpc-alpn");
+        let ca = LocalCa::load_or_create(&dir).unwrap();
+        let certs = ca
+            .issue("pricing", &["pricing.internal".to_string()])
+            .unwrap();
+        let config = grpc_server_config(&certs).unwrap();
+        assert_eq!(config.alpn_protocols, vec![b"h2".to_vec()]);
+        let name = rustls::pki_types::ServerName::try_from("pricing.internal").unwrap();
+
+        for (offered, agreed) in [
+            (&[&b"h2"[..], b"http/1.1"][..], Some(&b"h2"[..])),
+            (&[&b"http/1.1"[..]][..], None),
+        ] {
+            let (client_end, server_end) = tokio::io::duplex(64 * 1024);
+            let acceptor = tokio_rustls::TlsAcceptor::from(config.clone());
+            tokio::spawn(async move { acceptor.accept(server_end).await.map(|_| ()) });
+            let client = client_config_with_alpn(&ca.ca_cert_path(), offered).unwrap();
+            let result = tokio_rustls::TlsConnector::from(client)
+                .connect(name.clone(), client_end)
+                .await;
+            match agreed {
+                Some(protocol) => {
+                    let stream = result.expect("an h2 client is served");
+                    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(protocol));
+                }
+                None => {
+                    let err = result.map(|_| ()).expect_err("HTTP/1.1 only is refused");
+                    assert!(
+                        err.to_string().contains("NoApplicationProtocol"),
+                        "the alert says why: {err}"
+                    );
+                }
+            }
+        }
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -317,11 +317,7 @@ pub async fn serve(
     tls: &CertPaths,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), PricingError> {
-    let mut tls_config = causeway_core::tls::server_config(tls)?;
-    // gRPC runs over HTTP/2 only: a client that cannot speak it fails at the handshake, with
-    // a TLS alert that says so, instead of on its first request.
-    Arc::make_mut(&mut tls_config).alpn_protocols = vec![b"h2".to_vec()];
-    let tls = tokio_rustls::TlsAcceptor::from(tls_config);
+    let tls = tokio_rustls::TlsAcceptor::from(causeway_core::tls::grpc_server_config(tls)?);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<PricingServiceServer<Pricing>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -368,10 +364,7 @@ pub async fn serve(
         move |_| TowerToHyperService::new(routes.clone()),
         serving_stopped,
         DRAIN,
-        KeepAlive {
-            interval: Duration::from_secs(10),
-            timeout: Duration::from_secs(5),
-        },
+        KeepAlive::default(),
     );
     tokio::join!(signal, server);
     Ok(())
