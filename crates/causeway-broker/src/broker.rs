@@ -508,11 +508,15 @@ impl Broker {
         payload: Bytes,
     ) -> Result<Pending<u64>, BrokerError> {
         validate_queue_name(queue)?;
-        if message_id.is_empty() {
-            return Err(BrokerError::InvalidMessage(
-                "the message id is empty".into(),
-            ));
-        }
+        // A publisher that sent no id (a foreign gRPC client; proto3 makes it "") gets the id
+        // `causeway-queue` would derive on delivery, so that consumers deduplicate on the same id
+        // on every backend and the broker never holds an empty one. Hashed before the lock.
+        let derived = message_id.is_empty();
+        let message_id = if derived {
+            causeway_queue::content_message_id(&payload)
+        } else {
+            message_id
+        };
         let mut state = self.inner.core.lock();
         let limit = state.queue(queue)?.policy.max_payload_bytes;
         // The broker enforces the size (it stores the bytes); whether they are JSON is the
@@ -523,6 +527,21 @@ impl Broker {
                 limit,
             }
             .into());
+        }
+        if derived {
+            tracing::info!(
+                event = "broker.message_id_derived",
+                queue,
+                message_id = %message_id,
+                payload_bytes = payload.len(),
+                "a message was published without an id; using one derived from its payload"
+            );
+            self.inner
+                .core
+                .metrics
+                .derived_ids
+                .get_or_create(&label(queue))
+                .inc();
         }
         let sequence = state.sequence();
         let message = StoredMessage {

@@ -4,7 +4,9 @@
 //! (`causeway.broker.v1.Broker`, over TLS) through which services publish with confirms and
 //! consume with prefetch and settle commands. The rules every broker shares (queue names, payload
 //! limits, attempts and backoff) come from `causeway_core::queue_policy`; the client side is
-//! `causeway_queue::embedded`.
+//! `causeway_queue::embedded`. A message published without an id is stored under its content id
+//! (`causeway_queue::content_message_id`: `sha256:` and the hex SHA-256 of its payload, the id
+//! the other backends' deliveries get too), counted in `broker_derived_message_ids`.
 //!
 //! Why redb for storage and group commit: see the `store` module; why gRPC bidirectional streams
 //! for the wire protocol: see the `server` module. Tests start an in-process broker with

@@ -15,6 +15,8 @@ pub struct QueueLabel {
 #[derive(Clone)]
 pub struct BrokerMetrics {
     pub published: Family<QueueLabel, Counter>,
+    /// Messages published without an id, which got their content id.
+    pub derived_ids: Family<QueueLabel, Counter>,
     pub delivered: Family<QueueLabel, Counter>,
     pub acked: Family<QueueLabel, Counter>,
     pub redelivered: Family<QueueLabel, Counter>,
@@ -30,6 +32,7 @@ impl Default for BrokerMetrics {
     fn default() -> Self {
         Self {
             published: Family::default(),
+            derived_ids: Family::default(),
             delivered: Family::default(),
             acked: Family::default(),
             redelivered: Family::default(),
@@ -57,6 +60,11 @@ impl BrokerMetrics {
                 "broker_published",
                 "Messages accepted for publishing, by queue",
                 &self.published,
+            ),
+            (
+                "broker_derived_message_ids",
+                "Messages published without an id that got one derived from their payload, by queue",
+                &self.derived_ids,
             ),
             (
                 "broker_delivered",

@@ -12,6 +12,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use causeway_client::grpc::limit::LimitRequests;
 use causeway_core::queue_policy::QueuePolicy;
 use causeway_core::serve::{KeepAlive, serve_http2, shutdown_channel};
 use causeway_core::tls::CertPaths;
@@ -366,7 +367,10 @@ pub async fn serve(
                 local_addr: Some(addr),
                 remote_addr: Some(peer),
             };
-            TowerToHyperService::new(routes.clone().map_request(
+            // A request message over the limit is RESOURCE_EXHAUSTED (tonic's own limit, the
+            // same size, would say OUT_OF_RANGE).
+            let routes = LimitRequests::new(routes.clone(), MAX_MESSAGE_BYTES);
+            TowerToHyperService::new(routes.map_request(
                 move |mut request: http::Request<Incoming>| {
                     request.extensions_mut().insert(connection.clone());
                     request

@@ -377,3 +377,43 @@ async fn metrics_count_per_queue_and_commits() {
         assert!(text.contains(line), "{line} missing from\n{text}");
     }
 }
+
+#[tokio::test]
+async fn a_message_without_an_id_is_stored_under_its_content_id() {
+    let dir = TempDir::new("content-id");
+    let broker = open(&dir, 64).await;
+    let mut registry = prometheus_client::registry::Registry::default();
+    broker.register_metrics(&mut registry);
+    for payload in [r#"{"n":1}"#, r#"{"n":2}"#, r#"{"n":1}"#] {
+        broker
+            .publish("orders", "", HashMap::new(), payload)
+            .await
+            .unwrap();
+    }
+    let ids: Vec<String> = broker
+        .peek("orders", 10)
+        .unwrap()
+        .into_iter()
+        .map(|message| message.message_id)
+        .collect();
+    let first = causeway_queue::content_message_id(br#"{"n":1}"#);
+    let second = causeway_queue::content_message_id(br#"{"n":2}"#);
+    assert_eq!(ids, [first.clone(), second, first.clone()]);
+    // Retried, the message keeps the id.
+    let mut consumer = broker.subscribe("orders", 1).unwrap();
+    let delivered = next(&mut consumer).await;
+    let retry = SettleAction::Redeliver {
+        delay: Duration::ZERO,
+        next_attempt: 2,
+    };
+    settle(&consumer, &delivered, retry).await;
+    let kept = broker.peek("orders", 10).unwrap();
+    assert_eq!(
+        kept.last().map(|m| m.message_id.as_str()),
+        Some(first.as_str())
+    );
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let line = r#"broker_derived_message_ids_total{queue="orders"} 3"#;
+    assert!(text.contains(line), "{line} missing from\n{text}");
+}

@@ -255,3 +255,38 @@ async fn a_publish_to_a_stopped_broker_fails_instead_of_hanging() {
     );
     assert!(started.elapsed() < Duration::from_secs(6));
 }
+
+/// A request message over the broker's limit is RESOURCE_EXHAUSTED, as gRPC specifies (tonic
+/// alone says OUT_OF_RANGE), and the broker keeps serving.
+#[tokio::test]
+async fn an_oversized_message_is_resource_exhausted() {
+    use causeway_proto::broker::v1::broker_client::BrokerClient;
+    use causeway_proto::broker::v1::{DeclareRequest, ListQueuesRequest};
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+
+    let broker = LocalBroker::start().await.unwrap();
+    let pem = std::fs::read(&broker.ca_cert).unwrap();
+    let channel = Endpoint::from_shared(format!("https://{}", broker.addr))
+        .unwrap()
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(pem))
+                .domain_name(broker.server_name.clone()),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect over TLS");
+    let mut client = BrokerClient::new(channel);
+    let huge = DeclareRequest {
+        queue: "q".repeat(causeway_broker::MAX_MESSAGE_BYTES),
+        policy: None,
+    };
+    let status = client.declare(huge).await.expect_err("over the limit");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("larger than max"), "{status:?}");
+    client
+        .list_queues(ListQueuesRequest {})
+        .await
+        .expect("still serving");
+}

@@ -9,6 +9,7 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use causeway_client::Discovery;
+use causeway_core::principal::scopes;
 use causeway_core::server_timing::{self, TimingEntry, steps};
 use causeway_core::trace_context::{REQUEST_ID, TraceContext};
 use causeway_core::{DataDir, Topology};
@@ -18,14 +19,20 @@ use crate::state::RunState;
 
 /// The demo's request: user 123's orders.
 pub const DEMO_USER: &str = "123";
+/// The subject of the demos' operator token.
+pub const DEMO_OPERATOR: &str = "demo-operator";
 
 /// What a demo needs to call the running system through its edge as the demo user.
 pub struct DemoAccess {
     pub state: RunState,
     pub data: DataDir,
     pub edge: std::net::SocketAddr,
-    /// A five-minute token for [`DEMO_USER`].
+    /// A five-minute token for [`DEMO_USER`], with the `debug` scope so that the edge passes the
+    /// tiers' `Server-Timing` entries back, which the demos print.
     pub token: String,
+    /// A five-minute token for an operator (`admin` and `debug` scopes), for views of data that
+    /// belong to no one user, such as the failed-delivery log.
+    pub operator_token: String,
 }
 
 impl DemoAccess {
@@ -36,12 +43,22 @@ impl DemoAccess {
             .edge
             .context("the run state names no edge address; is `causeway up` still starting?")?;
         let key = causeway_proxy::auth::load_or_create_key(&data.jwt_key())?;
-        let token = causeway_proxy::auth::issue(&key, &topology.reverse_proxy.jwt, DEMO_USER, 300)?;
+        let jwt = &topology.reverse_proxy.jwt;
+        let token =
+            causeway_proxy::auth::issue_scoped(&key, jwt, DEMO_USER, &[scopes::DEBUG], 300)?;
+        let operator_token = causeway_proxy::auth::issue_scoped(
+            &key,
+            jwt,
+            DEMO_OPERATOR,
+            &[scopes::ADMIN, scopes::DEBUG],
+            300,
+        )?;
         Ok(Self {
             state,
             data,
             edge,
             token,
+            operator_token,
         })
     }
 }
@@ -52,6 +69,7 @@ pub async fn rest(topology: &Topology, data_dir: &Path) -> anyhow::Result<String
         data,
         edge,
         token,
+        ..
     } = DemoAccess::load(topology, data_dir)?;
 
     // The demo's own look at DNS, as `dig order-service.internal A` would see it.

@@ -314,7 +314,13 @@ pub async fn grpc(topology: &Topology, data_dir: &Path) -> anyhow::Result<String
     // The same unary call from outside, through the edge (HTTP/2 end to end, trailers intact).
     if let Some(edge) = state.edge {
         let key = causeway_proxy::auth::load_or_create_key(&data.jwt_key())?;
-        let token = causeway_proxy::auth::issue(&key, &topology.reverse_proxy.jwt, "demo", 300)?;
+        let token = causeway_proxy::auth::issue_scoped(
+            &key,
+            &topology.reverse_proxy.jwt,
+            crate::demo::DEMO_USER,
+            &[causeway_core::principal::scopes::DEBUG],
+            300,
+        )?;
         let started = Instant::now();
         let mut through_edge =
             PricingServiceClient::new(connect(edge, "localhost", &ca_pem).await?);

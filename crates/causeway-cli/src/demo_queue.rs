@@ -139,6 +139,12 @@ pub async fn queue(topology: &Topology, data_dir: &Path) -> anyhow::Result<Strin
         ca: access.data.ca_cert(),
         token: access.token,
     };
+    // The failed-delivery log belongs to no one user: the operator reads it.
+    let operator = Edge {
+        addr: edge_addr,
+        ca: edge.ca.clone(),
+        token: access.operator_token,
+    };
     let broker_url = crate::queue::broker_url(topology, data_dir, None);
     // Shown without its password.
     let broker_shown = causeway_queue::BrokerTarget::parse(&broker_url)
@@ -288,7 +294,7 @@ pub async fn queue(topology: &Topology, data_dir: &Path) -> anyhow::Result<Strin
         "/api/notifications/failures?messageId={}",
         failing.message_id
     );
-    let failures = edge
+    let failures = operator
         .poll::<Vec<FailedDelivery>, _>(&failures_path, total_backoff + PATIENCE, |failures| {
             failures
                 .iter()

@@ -41,9 +41,14 @@ enum Command {
     },
     /// Print an API token (JWT) for a user.
     Token {
-        /// The user id the token is for (its `sub` claim).
+        /// The user id the token is for (its `sub` claim); the services let it read and change
+        /// that user's data only.
         #[arg(long)]
         sub: String,
+        /// A scope to grant (repeatable): `admin` reads and changes any user's data, `debug` has
+        /// the edge pass the tiers' `Server-Timing` entries back.
+        #[arg(long = "scope", value_name = "SCOPE")]
+        scopes: Vec<String>,
         /// Lifetime in seconds.
         #[arg(long, default_value_t = 3600, allow_negative_numbers = true)]
         ttl: i64,
@@ -252,10 +257,23 @@ fn run(command: Command, mut topology: Topology) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        Command::Token { sub, ttl } => {
+        Command::Token { sub, scopes, ttl } => {
+            if let Some(bad) = scopes
+                .iter()
+                .find(|scope| scope.is_empty() || scope.chars().any(|c| c.is_ascii_whitespace()))
+            {
+                anyhow::bail!("a scope is one word without spaces, not {bad:?}");
+            }
             let data = DataDir::new(&topology.data_dir);
             let key = causeway_proxy::auth::load_or_create_key(&data.jwt_key())?;
-            let token = causeway_proxy::auth::issue(&key, &topology.reverse_proxy.jwt, &sub, ttl)?;
+            let scopes: Vec<&str> = scopes.iter().map(String::as_str).collect();
+            let token = causeway_proxy::auth::issue_scoped(
+                &key,
+                &topology.reverse_proxy.jwt,
+                &sub,
+                &scopes,
+                ttl,
+            )?;
             println!("{token}");
             Ok(ExitCode::SUCCESS)
         }

@@ -162,10 +162,12 @@ async fn rest_request_travels_every_hop_and_comes_back() {
     assert_eq!(orders[0]["userId"], 123);
     assert_eq!(json["servedBy"]["userService"], "user-service-1");
 
-    // Balancing: User Service's client library spreads calls over all three instances.
+    // Balancing: User Service's client library spreads calls over all three instances. An
+    // operator's token (admin scope) reads any user's orders.
+    let admin = system.scoped_token("ops", &["admin"], 300);
     let mut seen = BTreeSet::new();
     for _ in 0..9 {
-        let response = system.get("/api/users/124/orders", Some(&token)).await;
+        let response = system.get("/api/users/124/orders", Some(&admin)).await;
         assert_eq!(response.status, StatusCode::OK);
         seen.insert(served_by(&response));
     }
@@ -243,7 +245,7 @@ async fn rest_request_travels_every_hop_and_comes_back() {
     );
     headers.insert(
         header::AUTHORIZATION,
-        HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+        HeaderValue::from_str(&format!("Bearer {admin}")).unwrap(),
     );
     let traced = system
         .request(Method::GET, "/api/users/125/orders", headers, Bytes::new())
@@ -343,7 +345,9 @@ async fn gateway_refuses_bad_requests_clearly_and_keeps_serving() {
     assert_eq!(error_code(&basic), "malformed_token");
 
     let token = system.token("123", 300);
-    let unknown = system.get("/api/users/999/orders", Some(&token)).await;
+    // Authorization comes first: only an admin learns that a user does not exist.
+    let admin = system.scoped_token("ops", &["admin"], 300);
+    let unknown = system.get("/api/users/999/orders", Some(&admin)).await;
     assert_eq!(unknown.status, StatusCode::NOT_FOUND);
     assert_eq!(error_code(&unknown), "user_not_found");
     let not_a_number = system.get("/api/users/abc/orders", Some(&token)).await;
@@ -382,7 +386,9 @@ async fn gateway_refuses_bad_requests_clearly_and_keeps_serving() {
         .unwrap();
     assert!(retry_after >= 1);
 
-    let fine = system.get(path, Some(&system.token("125", 300))).await;
+    let fine = system
+        .get("/api/users/125/orders", Some(&system.token("125", 300)))
+        .await;
     assert_eq!(
         fine.status,
         StatusCode::OK,
@@ -816,6 +822,99 @@ async fn grpc_works_through_the_edge_and_behind_inventory() {
         text.contains("ran GetPrice: pricing-db ") && text.contains("; pricing-service "),
         "the server's own timings: {text}"
     );
+}
+
+/// gRPC's standard services reach Pricing Service through the edge, behind the JWT check:
+/// health, and server reflection in both versions (grpcurl asks for v1alpha), whose streams
+/// answer an unknown symbol with an ErrorResponse and carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grpc_health_and_reflection_work_through_the_edge() {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let system = System::start(test_topology());
+    let token = system.token("123", 300);
+    let ca = std::fs::read(system.data().ca_cert()).unwrap();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name("localhost");
+    let channel = Endpoint::from_shared(format!("https://{}", system.edge()))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .expect("HTTP/2 over TLS to the edge");
+    fn authorized<T>(message: T, token: &str) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        let value = format!("Bearer {token}").parse().expect("ASCII token");
+        request.metadata_mut().insert("authorization", value);
+        request
+    }
+
+    let mut health = HealthClient::new(channel.clone());
+    let check = || HealthCheckRequest {
+        service: "pricing.v1.PricingService".into(),
+    };
+    let refused = health.check(check()).await.expect_err("no token, no call");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    let answer = health
+        .check(authorized(check(), &token))
+        .await
+        .expect("health check through the edge");
+    assert_eq!(answer.into_inner().status, ServingStatus::Serving as i32);
+
+    macro_rules! reflect {
+        ($version:ident) => {{
+            use tonic_reflection::pb::$version::ServerReflectionRequest;
+            use tonic_reflection::pb::$version::server_reflection_client::ServerReflectionClient;
+            use tonic_reflection::pb::$version::server_reflection_request::MessageRequest;
+            use tonic_reflection::pb::$version::server_reflection_response::MessageResponse;
+
+            let requests = [
+                MessageRequest::FileContainingSymbol("no.such.Symbol".into()),
+                MessageRequest::ListServices(String::new()),
+            ]
+            .map(|message| ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(message),
+            });
+            let mut reflection = ServerReflectionClient::new(channel.clone());
+            let mut answers = reflection
+                .server_reflection_info(authorized(tokio_stream::iter(requests), &token))
+                .await
+                .expect(concat!(
+                    stringify!($version),
+                    " reflection through the edge"
+                ))
+                .into_inner();
+            let mut next = async || {
+                answers
+                    .message()
+                    .await
+                    .expect("stream intact")
+                    .and_then(|answer| answer.message_response)
+            };
+            let Some(MessageResponse::ErrorResponse(error)) = next().await else {
+                panic!("expected an ErrorResponse");
+            };
+            assert_eq!(error.error_code, tonic::Code::NotFound as i32, "{error:?}");
+            let Some(MessageResponse::ListServicesResponse(list)) = next().await else {
+                panic!("expected the service list after the error");
+            };
+            let names: BTreeSet<String> = list.service.into_iter().map(|s| s.name).collect();
+            assert!(
+                names.contains("pricing.v1.PricingService")
+                    && names.contains("grpc.reflection.v1alpha.ServerReflection"),
+                "{names:?}"
+            );
+            assert!(next().await.is_none(), "the stream ends cleanly");
+        }};
+    }
+    reflect!(v1);
+    reflect!(v1alpha);
 }
 
 /// Sends an email through the edge as user 123; returns the status and Email Service's answer.
@@ -1342,8 +1441,12 @@ async fn ingress_routes_reload_under_load_without_failed_requests() {
          spec:\n  rules:\n  - http:\n      paths:\n      - {{path: /public/orders, pathType: Prefix, backend: {{service: {{name: order-service, port: {{name: https}}}}}}}}\n"
     );
     std::fs::write(&ingress_file, added).unwrap();
+    // The route needs no token at the edge, so the request reaches Order Service without a
+    // principal, and Order Service (not the edge's `no_route`) refuses it: the route is live.
     let served = eventually(Duration::from_secs(10), async || {
-        (system.get(public, None).await.status == StatusCode::OK).then_some(())
+        let response = system.get(public, None).await;
+        (response.status == StatusCode::UNAUTHORIZED && error_code(&response) == "unauthenticated")
+            .then_some(())
     })
     .await;
     assert!(served.is_some(), "the added route serves after the reload");
@@ -1536,4 +1639,195 @@ async fn a_killed_instance_behind_an_edge_route_costs_no_request() {
         "the restarted {victim} serves through the edge again: {}",
         system.status_json()
     );
+}
+
+/// What a client sends that the tiers must not trust or forward, at every tier: a token reads its
+/// own subject's data only (an admin scope reads anyone's); the headers the tiers use among
+/// themselves are removed at the edge, so sending them from outside changes nothing; the tiers'
+/// `Server-Timing` entries come back only to a token with the debug scope; and a request framed
+/// both by Content-Length and Transfer-Encoding is refused with 400 by the edge, by a reverse proxy
+/// reached directly, and by a service reached directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_tier_trusts_what_a_client_claims() {
+    use causeway_core::principal::{AUTHENTICATED_SCOPE, AUTHENTICATED_SUBJECT};
+
+    let system = System::start(test_topology());
+    let path = "/api/users/123/orders";
+    let other_user = system.token("124", 300);
+    let owner = system.token("123", 300);
+    let with = |token: &str, extra: &[(&str, &str)]| {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+        );
+        for (name, value) in extra {
+            headers.insert(
+                http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        headers
+    };
+
+    // Defect 1: a valid token for user 124 does not read user 123's data, in any service.
+    let forbidden = system.get(path, Some(&other_user)).await;
+    assert_eq!(
+        forbidden.status,
+        StatusCode::FORBIDDEN,
+        "{:?}",
+        forbidden.body
+    );
+    assert_eq!(error_code(&forbidden), "forbidden");
+    let forbidden = system
+        .get("/api/notifications?userId=123", Some(&other_user))
+        .await;
+    assert_eq!(
+        forbidden.status,
+        StatusCode::FORBIDDEN,
+        "{:?}",
+        forbidden.body
+    );
+    let json = with(&other_user, &[("content-type", "application/json")]);
+    let email = system
+        .request(
+            Method::POST,
+            "/api/emails",
+            json,
+            Bytes::from_static(br#"{"userId":123,"subject":"not yours"}"#),
+        )
+        .await;
+    assert_eq!(email.status, StatusCode::FORBIDDEN, "{:?}", email.body);
+    let failures = system
+        .get("/api/notifications/failures?messageId=x", Some(&owner))
+        .await;
+    assert_eq!(
+        failures.status,
+        StatusCode::FORBIDDEN,
+        "{:?}",
+        failures.body
+    );
+    let own = system.get(path, Some(&owner)).await;
+    assert_eq!(own.status, StatusCode::OK, "{:?}", own.body);
+    let admin = system.scoped_token("124", &["admin"], 300);
+    let as_admin = system.get(path, Some(&admin)).await;
+    assert_eq!(as_admin.status, StatusCode::OK, "{:?}", as_admin.body);
+    assert_eq!(
+        as_admin.json().unwrap()["orders"],
+        own.json().unwrap()["orders"]
+    );
+
+    // Defect 8: the principal headers sent from outside are replaced by the verified ones.
+    for forged in [
+        [(AUTHENTICATED_SUBJECT.as_str(), "123"), ("x-ignored", "1")],
+        [(AUTHENTICATED_SCOPE.as_str(), "admin"), ("x-ignored", "1")],
+        [
+            (AUTHENTICATED_SUBJECT.as_str(), "123"),
+            (AUTHENTICATED_SCOPE.as_str(), "admin"),
+        ],
+    ] {
+        let response = system
+            .request(Method::GET, path, with(&other_user, &forged), Bytes::new())
+            .await;
+        assert_eq!(
+            response.status,
+            StatusCode::FORBIDDEN,
+            "{forged:?} from outside: {:?}",
+            response.body
+        );
+    }
+
+    // Defect 11: Server-Timing only for the debug scope, whatever the client asks for.
+    let plain = system
+        .request(
+            Method::GET,
+            path,
+            with(&owner, &[("causeway-server-timing", "1")]),
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(plain.status, StatusCode::OK);
+    assert!(
+        plain.headers.get("server-timing").is_none(),
+        "no timings without the debug scope: {:?}",
+        plain.headers
+    );
+    let debug = system.scoped_token("123", &["debug"], 300);
+    let timed = system.get(path, Some(&debug)).await;
+    assert_eq!(timed.status, StatusCode::OK);
+    let timings: Vec<&str> = timed
+        .headers
+        .get_all("server-timing")
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .collect();
+    assert!(
+        timings.iter().any(|t| t.contains("order-service"))
+            && timings.iter().any(|t| t.starts_with("edge-proxy")),
+        "every tier's timings for the debug scope: {timings:?}"
+    );
+
+    // Defect 8, on gRPC: Pricing's debug delay knob is internal, so a malformed value sent from
+    // outside (INVALID_ARGUMENT when Pricing reads it) never reaches Pricing.
+    {
+        use causeway_proto::pricing::v1::GetPriceRequest;
+        use causeway_proto::pricing::v1::pricing_service_client::PricingServiceClient;
+        use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+        let ca = std::fs::read(system.data().ca_cert()).unwrap();
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca))
+            .domain_name("localhost");
+        let channel = Endpoint::from_shared(format!("https://{}", system.edge()))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .expect("HTTP/2 over TLS to the edge");
+        let mut request = tonic::Request::new(GetPriceRequest {
+            sku: "SKU-0001".into(),
+        });
+        let metadata = request.metadata_mut();
+        metadata.insert("authorization", format!("Bearer {owner}").parse().unwrap());
+        metadata.insert(
+            causeway_services::pricing::DEBUG_DELAY_METADATA,
+            "soon".parse().unwrap(),
+        );
+        let price = PricingServiceClient::new(channel)
+            .get_price(request)
+            .await
+            .expect("the internal header is stripped at the edge, so the call succeeds");
+        assert_eq!(price.get_ref().unit_price_cents, 12999);
+    }
+
+    // Defect 4, per tier: both framings, either order, answered 400 with the JSON reason.
+    let reverse_proxy = system.listen_of("reverse-proxy-1");
+    let user_service = system.listen_of("user-service-1");
+    for (tier, addr) in [
+        ("the edge", system.edge()),
+        ("a reverse proxy", reverse_proxy),
+        ("a service", user_service),
+    ] {
+        for framing in [
+            "Content-Length: 5\r\nTransfer-Encoding: chunked",
+            "Transfer-Encoding: chunked\r\nContent-Length: 5",
+        ] {
+            let raw = format!(
+                "POST /api/users/123/orders HTTP/1.1\r\nHost: localhost\r\n\
+                 Authorization: Bearer {owner}\r\n{framing}\r\n\r\n0\r\n\r\n"
+            );
+            let answer = system.raw_https(addr, raw.as_bytes()).await;
+            assert!(
+                answer.starts_with("HTTP/1.1 400"),
+                "{tier} ({framing:?}): {answer}"
+            );
+            assert!(
+                answer.contains("\"error\":\"ambiguous_framing\""),
+                "{tier}: {answer}"
+            );
+        }
+    }
+    // And every tier keeps serving.
+    let after = system.get(path, Some(&owner)).await;
+    assert_eq!(after.status, StatusCode::OK);
 }

@@ -39,8 +39,9 @@ use crate::client::ClientSettings;
 use crate::discovery::{Discovery, Endpoint, ResolveError};
 
 mod channel;
+pub mod limit;
 
-pub use channel::GrpcChannel;
+pub use channel::{GrpcChannel, ReportEncoderFailure, ResponseBody};
 use channel::{Member, Snapshot};
 
 /// How often the instance set is re-resolved: the TTL of discovery's records.

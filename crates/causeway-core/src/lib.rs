@@ -5,8 +5,10 @@
 //! loop with graceful shutdown and the admin endpoint.
 
 pub mod launch;
+pub mod principal;
 pub mod proxy_config;
 pub mod queue_policy;
+pub mod refusal;
 pub mod registry_api;
 pub mod serve;
 pub mod server_timing;

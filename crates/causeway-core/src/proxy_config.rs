@@ -32,11 +32,20 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Whole request, head to last body byte; longer gets 408.
     pub request_timeout_ms: u64,
-    /// How long a connection may take to send a request head (also an idle keep-alive
-    /// connection's lifetime between requests); then it is closed.
+    /// How long a request head may take to arrive (from the connection's start for its first
+    /// request, from the head's first byte for later ones); a partial head then gets 408. Short
+    /// by default, against slowloris clients (nginx's `client_header_timeout` is 60 s).
+    pub header_timeout_ms: u64,
+    /// How long a keep-alive connection may stay idle between requests (from the last byte of
+    /// the previous answer); then it is closed.
     pub idle_timeout_ms: u64,
     /// Connections over this are refused (503 on plain HTTP, closed on TLS).
     pub max_connections: usize,
+    /// Sources whose connections may start with a PROXY protocol v2 header naming the client
+    /// (see [`crate::serve::proxy_protocol`]); empty: no header is read. Set from the role's own
+    /// configuration (`reverse_proxy.proxy_protocol_from`), not under `limits`.
+    #[serde(skip)]
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
 }
 
 impl Default for Limits {
@@ -46,8 +55,10 @@ impl Default for Limits {
             max_header_count: 100,
             max_body_bytes: 1024 * 1024,
             request_timeout_ms: 30_000,
+            header_timeout_ms: 10_000,
             idle_timeout_ms: 30_000,
             max_connections: 10_000,
+            proxy_protocol_from: Vec::new(),
         }
     }
 }
@@ -64,10 +75,17 @@ impl Limits {
                 format!("must be at least {MIN_HEADER_BYTES}"),
             );
         }
+        if self.max_header_count > crate::serve::MAX_HEADER_COUNT {
+            return invalid(
+                "max_header_count",
+                format!("must be at most {}", crate::serve::MAX_HEADER_COUNT),
+            );
+        }
         for (field, value) in [
             ("max_header_count", self.max_header_count as u64),
             ("max_body_bytes", self.max_body_bytes as u64),
             ("request_timeout_ms", self.request_timeout_ms),
+            ("header_timeout_ms", self.header_timeout_ms),
             ("idle_timeout_ms", self.idle_timeout_ms),
             ("max_connections", self.max_connections as u64),
         ] {
@@ -80,6 +98,10 @@ impl Limits {
 
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
+    }
+
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_timeout_ms)
     }
 
     pub fn idle_timeout(&self) -> Duration {
@@ -106,17 +128,19 @@ impl Limits {
             .max_header_list_size(u32::try_from(self.header_bytes()).unwrap_or(u32::MAX));
     }
 
-    /// Both, on the auto (ALPN / preface sniffing) builder `causeway_core::serve` uses. The auto
-    /// builder reads the version preface before handing the connection to the HTTP/1 side, so
-    /// (not verified by a test here) a silent plain-HTTP connection may escape the header timer:
-    /// guard those with `causeway_proxy::hygiene::wait_for_first_byte`.
+    /// On the auto (ALPN / preface sniffing) builder `causeway_core::serve` uses, behind its
+    /// HTTP/1.1 front guard ([`crate::serve::Http1Guard`]), which enforces the header limits and
+    /// timeouts first and answers for them: hyper's own header timer is off, and hyper runs with
+    /// `half_close` so that the guard's end of stream after a refused pipelined head lets the
+    /// answer in progress finish. The same size and count stay on hyper as a backstop.
     pub fn apply_auto<E>(&self, builder: &mut hyper_util::server::conn::auto::Builder<E>) {
         builder
             .http1()
             .timer(hyper_util::rt::TokioTimer::new())
             .max_buf_size(self.header_bytes())
             .max_headers(self.max_header_count)
-            .header_read_timeout(self.idle_timeout());
+            .header_read_timeout(None)
+            .half_close(true);
         builder
             .http2()
             .timer(hyper_util::rt::TokioTimer::new())

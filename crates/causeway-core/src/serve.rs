@@ -22,6 +22,11 @@ use tokio_rustls::TlsAcceptor;
 use crate::proxy_config::Limits;
 use crate::telemetry::Metrics;
 
+mod guard;
+pub mod proxy_protocol;
+
+pub use guard::{GuardSettings, Http1Guard, LINGER_BYTES, LINGER_TIME, MAX_HEADER_COUNT};
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How long a TLS handshake may take before the connection is dropped.
@@ -122,7 +127,7 @@ pub async fn serve<M, S>(
     shutdown: Shutdown,
     drain: Duration,
 ) where
-    M: Fn(SocketAddr) -> S,
+    M: Fn(SocketAddr) -> S + Send + Sync + 'static,
     S: ConnectionService,
 {
     serve_limited(
@@ -162,9 +167,10 @@ impl Admission for Unlimited {
     }
 }
 
-/// [`serve`] under a proxy listener's [`Limits`], if given: header size and count and the
-/// header-read timeout on hyper's builders; each connection admitted by `admission` (max
-/// connections).
+/// [`serve`] under a proxy listener's [`Limits`] (the defaults if none are given): the HTTP/1.1
+/// front guard (header size and count, framing checks, header and idle timeouts, answered
+/// refusals and lingering close: see [`Http1Guard`]), the HTTP/2 header list limit, and each
+/// connection admitted by `admission` (max connections).
 /// Body size and request timeout are the service's to enforce, since it answers for them.
 pub async fn serve_limited<M, S, A>(
     listener: TcpListener,
@@ -175,21 +181,33 @@ pub async fn serve_limited<M, S, A>(
     limits: Option<&Limits>,
     admission: A,
 ) where
-    M: Fn(SocketAddr) -> S,
+    M: Fn(SocketAddr) -> S + Send + Sync + 'static,
     S: ConnectionService,
     A: Admission,
 {
+    let default_limits;
+    let limits = match limits {
+        Some(limits) => limits,
+        None => {
+            default_limits = Limits::default();
+            &default_limits
+        }
+    };
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    if let Some(limits) = limits {
-        limits.apply_auto(&mut builder);
-    }
+    limits.apply_auto(&mut builder);
+    let connections = Connections {
+        builder,
+        guard: Some(Arc::new(GuardSettings::from(limits))),
+        proxy_protocol_from: limits.proxy_protocol_from.clone().into(),
+        proxy_protocol_timeout: limits.header_timeout(),
+    };
     serve_with(
         listener,
         tls,
         make_service,
         shutdown,
         drain,
-        builder,
+        connections,
         admission,
     )
     .await
@@ -225,7 +243,7 @@ pub async fn serve_http2<M, S>(
     drain: Duration,
     keep_alive: KeepAlive,
 ) where
-    M: Fn(SocketAddr) -> S,
+    M: Fn(SocketAddr) -> S + Send + Sync + 'static,
     S: ConnectionService,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new()).http2_only();
@@ -240,28 +258,55 @@ pub async fn serve_http2<M, S>(
         make_service,
         shutdown,
         drain,
-        builder,
+        Connections::plain(builder),
         Unlimited,
     )
     .await
 }
 
+/// How a serving function's connections are served.
+struct Connections {
+    /// hyper's, configured by the serving function.
+    builder: auto::Builder<TokioExecutor>,
+    /// The HTTP/1.1 front guard's settings, where HTTP/1.1 is served behind it.
+    guard: Option<Arc<GuardSettings>>,
+    /// Sources whose connections may start with a PROXY protocol v2 header (none: not read).
+    proxy_protocol_from: Arc<[ipnet::IpNet]>,
+    proxy_protocol_timeout: Duration,
+}
+
+impl Connections {
+    fn plain(builder: auto::Builder<TokioExecutor>) -> Self {
+        Self {
+            builder,
+            guard: None,
+            proxy_protocol_from: Arc::from([]),
+            proxy_protocol_timeout: HANDSHAKE_TIMEOUT,
+        }
+    }
+}
+
+/// The accept loop every serving function shares. Each connection's service is made for its
+/// client's address: the peer's, or the one a trusted balancer's PROXY protocol header names.
 async fn serve_with<M, S, A>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     make_service: M,
     mut shutdown: Shutdown,
     drain: Duration,
-    builder: auto::Builder<TokioExecutor>,
+    connections: Connections,
     admission: A,
 ) where
-    M: Fn(SocketAddr) -> S,
+    M: Fn(SocketAddr) -> S + Send + Sync + 'static,
     S: ConnectionService,
     A: Admission,
 {
     let graceful = GracefulShutdown::new();
-    let builder = Arc::new(builder);
-    while let Some((stream, peer)) = accept(&listener, &mut shutdown).await {
+    let make_service = Arc::new(make_service);
+    let builder = Arc::new(connections.builder);
+    let (guard, proxy_protocol_from) = (connections.guard, connections.proxy_protocol_from);
+    let proxy_protocol_timeout = connections.proxy_protocol_timeout;
+    while let Some((mut stream, peer)) = accept(&listener, &mut shutdown).await {
         let Some(permit) = admission.admit(peer) else {
             if tls.is_none() {
                 // Answered off the accept loop: a slow client must not hold up the others.
@@ -269,21 +314,48 @@ async fn serve_with<M, S, A>(
             }
             continue;
         };
-        let service = make_service(peer);
+        let make_service = make_service.clone();
         let builder = builder.clone();
         let tls = tls.clone();
+        let guard = guard.clone();
+        let proxy_protocol_from = proxy_protocol_from.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _permit = permit;
-            let result = match tls {
-                Some(acceptor) => {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(tls_stream)) => {
-                            let connection = builder
-                                .serve_connection_with_upgrades(TokioIo::new(tls_stream), service)
-                                .into_owned();
-                            watcher.watch(connection).await
-                        }
+            let peer = if proxy_protocol_from.is_empty() {
+                peer
+            } else {
+                match proxy_protocol::client_address(
+                    &mut stream,
+                    peer,
+                    &proxy_protocol_from,
+                    proxy_protocol_timeout,
+                )
+                .await
+                {
+                    Ok(client) => client,
+                    Err(err) => {
+                        tracing::warn!(
+                            event = "proxy.refused",
+                            reason = err.reason(),
+                            %peer,
+                            detail = %err,
+                            "connection refused"
+                        );
+                        return;
+                    }
+                }
+            };
+            let service = make_service(peer);
+            let result = match (tls, guard) {
+                (Some(acceptor), guard) => {
+                    let tls_stream = match tokio::time::timeout(
+                        HANDSHAKE_TIMEOUT,
+                        acceptor.accept(stream),
+                    )
+                    .await
+                    {
+                        Ok(Ok(tls_stream)) => tls_stream,
                         Ok(Err(err)) => {
                             tracing::info!(%peer, error = %err, "TLS handshake failed");
                             return;
@@ -292,9 +364,36 @@ async fn serve_with<M, S, A>(
                             tracing::info!(%peer, "TLS handshake timed out");
                             return;
                         }
+                    };
+                    match guard {
+                        Some(settings) => {
+                            let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                            let io = if h2 {
+                                Http1Guard::opaque(tls_stream, peer, settings)
+                            } else {
+                                Http1Guard::new(tls_stream, peer, settings)
+                            };
+                            let connection = builder
+                                .serve_connection_with_upgrades(TokioIo::new(io), service)
+                                .into_owned();
+                            watcher.watch(connection).await
+                        }
+                        None => {
+                            let connection = builder
+                                .serve_connection_with_upgrades(TokioIo::new(tls_stream), service)
+                                .into_owned();
+                            watcher.watch(connection).await
+                        }
                     }
                 }
-                None => {
+                (None, Some(settings)) => {
+                    let io = Http1Guard::new(stream, peer, settings);
+                    let connection = builder
+                        .serve_connection_with_upgrades(TokioIo::new(io), service)
+                        .into_owned();
+                    watcher.watch(connection).await
+                }
+                (None, None) => {
                     let connection = builder
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
                         .into_owned();

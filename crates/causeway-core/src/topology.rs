@@ -183,6 +183,10 @@ pub struct LoadBalancerConfig {
     /// Consecutive passed checks before it is put back.
     pub healthy_threshold: u32,
     pub connect_timeout_ms: u64,
+    /// Start each spliced connection with a PROXY protocol v2 header naming the client, so that
+    /// the proxies behind see its address (they must trust this balancer's address: see
+    /// `reverse_proxy.proxy_protocol_from`).
+    pub send_proxy_protocol: bool,
 }
 
 impl Default for LoadBalancerConfig {
@@ -196,6 +200,7 @@ impl Default for LoadBalancerConfig {
             unhealthy_threshold: 2,
             healthy_threshold: 1,
             connect_timeout_ms: 1000,
+            send_proxy_protocol: true,
         }
     }
 }
@@ -234,6 +239,24 @@ pub struct ReverseProxyConfig {
     /// before those of the Ingress files' `spec.tls[]`; other names get the edge certificate.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub certificates: Vec<CertificateConfig>,
+    /// When answers to outside clients carry `Server-Timing` with the internal hops (component
+    /// and instance names, addresses): `debug` (the default) for callers whose token has the
+    /// `debug` scope, `always`, or `never`.
+    pub server_timing: ServerTimingPolicy,
+    /// Networks whose connections may start with a PROXY protocol v2 header naming the client
+    /// (the edge balancer's address: `127.0.0.1/32` by default). A connection from elsewhere that
+    /// sends one is refused and closed; one without a header is served as its own client.
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
+}
+
+/// See [`ReverseProxyConfig::server_timing`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServerTimingPolicy {
+    Never,
+    #[default]
+    Debug,
+    Always,
 }
 
 /// One `reverse_proxy.certificates` entry: `{ hosts = ["shop.example.com", "*.example.com"],
@@ -245,6 +268,13 @@ pub struct CertificateConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
 }
+
+/// gRPC's standard services that the edge routes to Pricing Service by default.
+const GRPC_STANDARD_SERVICES: [&str; 3] = [
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
 
 impl Default for ReverseProxyConfig {
     fn default() -> Self {
@@ -261,6 +291,8 @@ impl Default for ReverseProxyConfig {
             rate_limit: RateLimitConfig::default(),
             ingress: Vec::new(),
             certificates: Vec::new(),
+            server_timing: ServerTimingPolicy::default(),
+            proxy_protocol_from: vec![ipnet::IpNet::from(std::net::IpAddr::from([127, 0, 0, 1]))],
             routes: vec![
                 RouteConfig {
                     prefix: "/api/users/".into(),
@@ -303,7 +335,19 @@ impl Default for ReverseProxyConfig {
                     upstream: None,
                     policy: service_route_policy(),
                 },
-            ],
+            ]
+            .into_iter()
+            // Pricing is the edge's one gRPC service, so the standard health and reflection
+            // services (grpcurl, grpc_health_probe) reach it, behind the same JWT check.
+            .chain(GRPC_STANDARD_SERVICES.iter().map(|service| RouteConfig {
+                prefix: format!("/{service}/"),
+                service: Role::PricingService.name().into(),
+                strip_prefix: None,
+                auth: true,
+                upstream: None,
+                policy: service_route_policy(),
+            }))
+            .collect(),
         }
     }
 }
@@ -314,6 +358,7 @@ impl ReverseProxyConfig {
         Limits {
             max_body_bytes: self.max_body_bytes,
             request_timeout_ms: self.request_timeout_ms,
+            proxy_protocol_from: self.proxy_protocol_from.clone(),
             ..self.limits.clone()
         }
     }
@@ -720,6 +765,18 @@ impl Topology {
                 "load_balancer.upstream {:?} is not a service name",
                 self.load_balancer.upstream
             ));
+        }
+        // Which source address the balancer's connections leave from is the routing table's
+        // business; an empty list is the one mistake that can be seen here.
+        if self.load_balancer.send_proxy_protocol
+            && self.reverse_proxy.proxy_protocol_from.is_empty()
+        {
+            return invalid(
+                "load_balancer.send_proxy_protocol is on, but reverse_proxy.proxy_protocol_from \
+                 trusts no source: the proxies would refuse every connection; name the \
+                 balancer's address (e.g. 127.0.0.1/32), or turn send_proxy_protocol off"
+                    .into(),
+            );
         }
         let limit = &self.reverse_proxy.rate_limit;
         if limit.requests_per_second == 0 || limit.burst == 0 {

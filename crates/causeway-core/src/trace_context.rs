@@ -107,6 +107,11 @@ impl TraceContext {
     }
 }
 
+/// A request id for an answer made before any request could be read (a fresh trace id's form).
+pub fn new_request_id() -> String {
+    RandomIdGenerator::default().new_trace_id().to_string()
+}
+
 /// Request ids from outside are kept only when short and printable, so they are safe in logs.
 fn is_valid_request_id(id: &str) -> bool {
     !id.is_empty()

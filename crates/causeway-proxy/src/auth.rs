@@ -35,6 +35,10 @@ pub struct Claims {
     pub aud: String,
     pub iat: u64,
     pub exp: u64,
+    /// Space-separated scopes (the `scope` claim of RFC 8693 §4.2 and RFC 9068), such as
+    /// `admin` or `debug` (see `causeway_core::principal::scopes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
 }
 
 /// Reads the signing secret, creating a random one (readable by its owner only) on first use.
@@ -83,6 +87,17 @@ pub fn issue(
     subject: &str,
     ttl_secs: i64,
 ) -> Result<String, KeyError> {
+    issue_scoped(key, config, subject, &[], ttl_secs)
+}
+
+/// [`issue`] with `scopes` in the token's `scope` claim.
+pub fn issue_scoped(
+    key: &[u8],
+    config: &JwtConfig,
+    subject: &str,
+    scopes: &[&str],
+    ttl_secs: i64,
+) -> Result<String, KeyError> {
     let iat = now();
     let exp = iat.saturating_add_signed(ttl_secs);
     let claims = Claims {
@@ -91,6 +106,7 @@ pub fn issue(
         aud: config.audience.clone(),
         iat,
         exp,
+        scope: (!scopes.is_empty()).then(|| scopes.join(" ")),
     };
     Ok(jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
@@ -196,6 +212,19 @@ mod tests {
         let token = issue(KEY, &JwtConfig::default(), "123", 60).unwrap();
         let claims = verifier().verify(Some(&bearer(&token))).unwrap();
         assert_eq!(claims.sub, "123");
+    }
+
+    #[test]
+    fn scopes_travel_in_the_scope_claim() {
+        let token =
+            issue_scoped(KEY, &JwtConfig::default(), "ops", &["admin", "debug"], 60).unwrap();
+        let claims = verifier().verify(Some(&bearer(&token))).unwrap();
+        assert_eq!(claims.scope.as_deref(), Some("admin debug"));
+        let plain = issue(KEY, &JwtConfig::default(), "123", 60).unwrap();
+        assert_eq!(
+            verifier().verify(Some(&bearer(&plain))).unwrap().scope,
+            None
+        );
     }
 
     #[test]

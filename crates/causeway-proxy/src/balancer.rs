@@ -4,14 +4,16 @@
 //! come from discovery; active health checks (`GET /healthz` on each instance's admin port, found
 //! through `_admin._tcp` SRV records) take an instance out after `unhealthy_threshold` failures
 //! and put it back after `healthy_threshold` passes; a failed connect (passive check) ejects the
-//! instance for a while and the connection is tried on the next one.
+//! instance for a while and the connection is tried on the next one. Each connection starts with
+//! a PROXY protocol v2 header naming the client (`send_proxy_protocol`), so that the proxies log,
+//! rate-limit and forward (`X-Forwarded-For`) by the client's address rather than this one's.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use causeway_client::Discovery;
-use causeway_core::serve::{Shutdown, accept};
+use causeway_core::serve::{Shutdown, accept, proxy_protocol};
 use causeway_core::telemetry::Metrics;
 use causeway_core::topology::LoadBalancerConfig;
 use http::{HeaderMap, StatusCode};
@@ -19,6 +21,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
@@ -244,8 +247,21 @@ impl Balancer {
                     continue;
                 }
             };
-            guard.record(Outcome::Response(StatusCode::OK));
+            // Before the header is written: with Nagle, the client's first bytes would wait
+            // behind its ACK.
             let _ = upstream.set_nodelay(true);
+            if self.config.send_proxy_protocol {
+                // Before any of the client's bytes, so the proxy reads it ahead of TLS.
+                let listener = client.local_addr().unwrap_or(self.config.listen);
+                let header = proxy_protocol::header_for(peer, listener);
+                if let Err(err) = upstream.write_all(&header).await {
+                    tracing::warn!(%instance, error = %err, "PROXY header not sent; trying the next backend");
+                    self.metrics.connect_failures.get_or_create(&labels).inc();
+                    guard.record(Outcome::ConnectFailure);
+                    continue;
+                }
+            }
+            guard.record(Outcome::Response(StatusCode::OK));
             self.metrics.connections.get_or_create(&labels).inc();
             self.metrics.active.inc();
             tracing::debug!(%peer, %instance, "connection spliced");

@@ -27,10 +27,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use causeway_client::ServiceClient;
+use causeway_core::principal::{self, Principal};
 use causeway_core::serve::{BoxError, Shutdown, error_response};
 use causeway_core::server_timing::{self, TimingEntry, steps};
 use causeway_core::telemetry::HttpMetrics;
-use causeway_core::topology::{ReverseProxyConfig, RouteConfig, UpstreamProtocol};
+use causeway_core::topology::{
+    ReverseProxyConfig, RouteConfig, ServerTimingPolicy, UpstreamProtocol,
+};
 use causeway_core::trace_context::{REQUEST_ID, TRACEPARENT, TraceContext};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -60,7 +63,7 @@ use pool::{AttemptMetrics, Pool, Transport};
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
 /// Set by the gateway for the services behind it; never taken from the client.
-pub const AUTHENTICATED_SUBJECT: HeaderName = HeaderName::from_static("x-authenticated-subject");
+pub use causeway_core::principal::AUTHENTICATED_SUBJECT;
 /// This proxy's name in `Via` (a pseudonym: instance names stay internal).
 const VIA_NAME: &str = "causeway";
 
@@ -85,6 +88,8 @@ pub struct Gateway {
     draining: Arc<tokio::sync::watch::Sender<Option<tokio::time::Instant>>>,
     /// Whether clients reach this gateway over plain HTTP (benchmarks, behind a TLS terminator).
     plain_http: bool,
+    /// Who gets `Server-Timing` with the internal hops.
+    server_timing: ServerTimingPolicy,
 }
 
 /// What a gateway passes on to the one that replaces it on a reload (see [`Gateway::reload`]).
@@ -100,6 +105,7 @@ struct Carried {
     tunnels: TunnelMetrics,
     draining: Arc<tokio::sync::watch::Sender<Option<tokio::time::Instant>>>,
     plain_http: bool,
+    server_timing: ServerTimingPolicy,
 }
 
 /// A route with what it forwards to.
@@ -130,7 +136,9 @@ struct Caller<'t> {
     peer: SocketAddr,
     trace: &'t TraceContext,
     request_id: Option<&'t HeaderValue>,
-    subject: Option<String>,
+    principal: Option<Principal>,
+    /// The answer may carry `Server-Timing` (the tiers behind are asked for it).
+    timing: bool,
 }
 
 /// Bodies up to this size (declared by `Content-Length`) are buffered on routes to fixed
@@ -215,6 +223,7 @@ impl Gateway {
                 tunnels: TunnelMetrics::default(),
                 draining: Arc::new(tokio::sync::watch::Sender::new(None)),
                 plain_http: false,
+                server_timing: config.server_timing,
             },
             &[],
         )
@@ -239,6 +248,7 @@ impl Gateway {
             tunnels: self.tunnels.clone(),
             draining: self.draining.clone(),
             plain_http: self.plain_http,
+            server_timing: self.server_timing,
         };
         Self::build(table, carried, &self.routes)
     }
@@ -257,6 +267,7 @@ impl Gateway {
             tunnels,
             draining,
             plain_http,
+            server_timing,
         } = carried;
         let request_timeout = limits.request_timeout();
         // Routes to one service with one policy share a pool: one endpoint set, one outlier
@@ -346,6 +357,7 @@ impl Gateway {
             tunnels,
             draining,
             plain_http,
+            server_timing,
         }
     }
 
@@ -486,21 +498,29 @@ impl Gateway {
     }
 
     /// Request headers as they leave for the upstream: hop-by-hop fields removed (`Upgrade` too,
-    /// unless a WebSocket upgrade is passed through; `te: trailers` stays for gRPC), the subject
-    /// header only as the gateway set it, then `X-Forwarded-*`, `Forwarded` and `Via` for this hop.
+    /// unless a WebSocket upgrade is passed through; `te: trailers` stays for gRPC), every
+    /// internal header the client sent removed (`causeway_core::principal::is_internal`), the
+    /// principal and the `Server-Timing` request set only as the gateway decided them, then
+    /// `X-Forwarded-*`, `Forwarded` and `Via` for this hop.
     fn prepare_request_headers(
         &self,
         headers: &mut HeaderMap,
         version: http::Version,
         authority: Option<&Authority>,
         peer: SocketAddr,
-        subject: Option<&str>,
+        caller: &Caller<'_>,
         upgrade: Upgrade,
     ) {
         hygiene::strip_hop_by_hop(headers, upgrade);
-        headers.remove(AUTHENTICATED_SUBJECT);
-        if let Some(value) = subject.and_then(|sub| HeaderValue::from_str(sub).ok()) {
-            headers.insert(AUTHENTICATED_SUBJECT, value);
+        principal::strip_internal(headers);
+        if let Some(principal) = &caller.principal {
+            principal.to_headers(headers);
+        }
+        if caller.timing {
+            headers.insert(
+                principal::SERVER_TIMING_REQUEST,
+                HeaderValue::from_static("1"),
+            );
         }
         // HTTP/1.1 names the host in `Host`, HTTP/2 in `:authority`.
         let host = headers
@@ -543,14 +563,22 @@ impl Gateway {
         let route_name = route.map_or("unmatched", |route| route.config.prefix.as_str());
 
         let grpc = is_grpc(request.headers());
+        let mut timing = self.server_timing == ServerTimingPolicy::Always;
         let (mut response, detail) = match self
-            .forward(route, request, peer, &trace, request_id.as_ref())
+            .forward(
+                route,
+                request,
+                peer,
+                &trace,
+                request_id.as_ref(),
+                &mut timing,
+            )
             .await
         {
             Ok(forwarded) => forwarded,
             Err(refusal) => {
                 if let Refusal::Hygiene(refusal) = &refusal {
-                    refusal.log(peer);
+                    refusal.log(peer, Some(&trace.request_id));
                 }
                 let response = if grpc {
                     grpc_refusal(refusal)
@@ -567,7 +595,12 @@ impl Gateway {
             headers.insert(REQUEST_ID, value);
         }
         let transport = if self.plain_http { "plain HTTP" } else { "TLS" };
+        if !timing {
+            // The internal hops' names and addresses stay inside.
+            headers.remove(server_timing::SERVER_TIMING);
+        }
         match detail {
+            _ if !timing => {}
             // Formatted once at start-up and already escaped: one write per request.
             Cow::Borrowed(escaped) => {
                 // Milliseconds with three decimals from integer microseconds (no float formatting).
@@ -608,6 +641,8 @@ impl Gateway {
         response
     }
 
+    /// Checks the request and forwards it; `timing` is set when the caller may see the hops'
+    /// `Server-Timing` (the `debug` policy: once its token shows the `debug` scope).
     async fn forward<'a>(
         &'a self,
         route: Option<&'a Route>,
@@ -615,6 +650,7 @@ impl Gateway {
         peer: SocketAddr,
         trace: &TraceContext,
         request_id: Option<&HeaderValue>,
+        timing: &mut bool,
     ) -> Result<(Response<ProxyBody>, Cow<'a, str>), Refusal> {
         // Framing first: nothing else may act on a request whose end is in doubt.
         hygiene::check_request_head(request.version(), request.headers())
@@ -627,7 +663,7 @@ impl Gateway {
             )
         })?;
 
-        let subject = if route.config.auth {
+        let principal = if route.config.auth {
             let claims = self
                 .verifier
                 .verify(
@@ -637,13 +673,18 @@ impl Gateway {
                         .map(HeaderValue::as_bytes),
                 )
                 .map_err(Refusal::Unauthorized)?;
-            Some(claims.sub)
+            Some(Principal::new(claims.sub, claims.scope.as_deref()))
         } else {
             None
         };
+        if self.server_timing == ServerTimingPolicy::Debug {
+            *timing = principal
+                .as_ref()
+                .is_some_and(|principal| principal.has_scope(principal::scopes::DEBUG));
+        }
 
-        let client_key = match &subject {
-            Some(sub) => ClientKey::Subject(sub.clone()),
+        let client_key = match &principal {
+            Some(principal) => ClientKey::Subject(principal.subject.clone()),
             None => ClientKey::Ip(peer.ip()),
         };
         if let Err(not_until) = self.limiter.check_key(&client_key) {
@@ -701,7 +742,8 @@ impl Gateway {
                 peer,
                 trace,
                 request_id,
-                subject,
+                principal,
+                timing: *timing,
             },
         )
         .await
@@ -729,12 +771,7 @@ impl Gateway {
         websocket: bool,
         caller: Caller<'_>,
     ) -> Result<(Response<ProxyBody>, Cow<'a, str>), Refusal> {
-        let Caller {
-            peer,
-            trace,
-            request_id,
-            subject,
-        } = caller;
+        let (peer, trace, request_id) = (caller.peer, caller.trace, caller.request_id);
         let mut client_upgrade = websocket.then(|| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
         self.limits
@@ -758,7 +795,7 @@ impl Gateway {
             parts.version,
             original_authority.as_ref(),
             peer,
-            subject.as_deref(),
+            &caller,
             if websocket {
                 Upgrade::PassThrough
             } else {
@@ -830,7 +867,7 @@ impl Gateway {
                             &route.config,
                             &parts.uri,
                             &path_and_query,
-                            subject.as_deref(),
+                            caller.principal.as_ref().map(|p| p.subject.as_str()),
                             endpoint.id(),
                         )),
                     };
@@ -1711,7 +1748,7 @@ mod tests {
             "the smuggled request was answered: {answer}"
         );
         let error: serde_json::Value = serde_json::from_str(body).unwrap();
-        assert_eq!(error["error"], "transfer_encoding_not_chunked", "{error}");
+        assert_eq!(error["error"], "unsupported_transfer_encoding", "{error}");
         assert!(error["request_id"].is_string(), "{error}");
 
         let answer = raw_exchange(

@@ -6,27 +6,27 @@
 //! - [`add_forwarding_headers`] and [`add_via`]: `X-Forwarded-For/Proto/Host`, RFC 7239
 //!   `Forwarded` and `Via`.
 //! - [`check_request_head`]: request smuggling and malformed framing, refused with 400.
-//! - [`Limits`]: header bytes/count and header-read (idle) timeout applied to hyper's builders,
-//!   body size (413), request timeout (408), and [`ConnectionLimiter`] for max connections (503).
+//! - [`Limits`]: header bytes/count, header and idle timeouts (enforced by the serving loop's
+//!   HTTP/1.1 front guard, `causeway_core::serve::Http1Guard`, which answers 400/408/414/431 with
+//!   the same JSON error shape), body size (413), request timeout (408), and
+//!   [`ConnectionLimiter`] for max connections (503).
 //!
 //! Every refusal is a [`Refusal`]: a status, a stable reason, the limit where one applies, and
 //! one structured log line (`event = "proxy.refused"`) when the caller logs it.
 //!
-//! ## Which layer catches which smuggling attempt (hyper 1.x, HTTP/1.1; tested over raw TCP)
+//! ## Which layer catches which smuggling attempt (HTTP/1.1; tested over raw TCP)
 //!
-//! | attempt | caught by | result |
+//! | attempt | caught by | reason (400) |
 //! | --- | --- | --- |
-//! | `Content-Length` with `Transfer-Encoding: chunked` | hyper | CL dropped, body read as chunked, connection closed after the response (RFC 9112 §6.3: no desync; the handler never sees both, so this is not a 400) |
-//! | two `Content-Length` lines that differ | hyper | 400 |
-//! | two identical `Content-Length` lines | hyper | collapsed to one (RFC 9110 §8.6 allows it) |
-//! | `Content-Length: 5, 5` (comma list) | hyper | 400 |
-//! | `Content-Length` not plain decimal (`+5`, `0x5`, `5 5`, `-1`) | hyper | 400 |
-//! | `Transfer-Encoding` whose final coding is not `chunked` | hyper | 400 |
-//! | `Transfer-Encoding` in an HTTP/1.0 request | hyper | 400 |
-//! | `Transfer-Encoding: gzip, chunked` / `chunked, chunked` / two TE lines | [`check_request_head`] | 400 (only a single `chunked` is accepted: other codings would be forwarded without the coding that the re-framed body lost) |
-//! | obs-fold, space before the colon, bad bytes in names/values | hyper (httparse) | 400 |
-//! | several `Host` lines, invalid `Host`, HTTP/1.1 without `Host` | [`check_request_head`] | 400 (RFC 9112 §3.2) |
-//! | a bad chunk size in the body | hyper, while the body is read | body error; the gateway answers 400 |
+//! | `Content-Length` with `Transfer-Encoding`, either order | front guard | `ambiguous_framing` (RFC 9112 §6.3) |
+//! | two `Content-Length` lines that differ | front guard | `conflicting_content_length` |
+//! | two identical `Content-Length` lines | - | accepted as one (RFC 9110 §8.6 allows it) |
+//! | `Content-Length` not plain decimal (`5, 5`, `+5`, `0x5`, `5 5`, `-1`) | front guard | `invalid_content_length` |
+//! | `Transfer-Encoding` other than one `chunked` (`gzip, chunked`, `chunked, gzip`, two lines) | front guard | `unsupported_transfer_encoding` (other codings would be forwarded without the coding the re-framed body lost) |
+//! | `Transfer-Encoding` in an HTTP/1.0 request | front guard | `transfer_encoding_in_http10` |
+//! | obs-fold, space before the colon, bad bytes in names/values | front guard (httparse) | `malformed_request` |
+//! | several `Host` lines, invalid `Host`, HTTP/1.1 without `Host` | [`check_request_head`] | `multiple_host`, `invalid_host`, `missing_host` (RFC 9112 §3.2) |
+//! | a bad chunk size in the body | hyper, while the body is read | `body_unreadable` |
 //!
 //! [`check_request_head`] still checks CL+TE and duplicate lengths itself, so that the rule holds
 //! whatever parsed the head (HTTP/2 front ends, another server library).
@@ -39,10 +39,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
-use http::{HeaderMap, Response, StatusCode, Version};
-use http_body_util::Full;
+use http::{HeaderMap, Version};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -53,81 +51,7 @@ const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Why a request or connection was refused. `reason` is stable (for logs, metrics and the JSON
-/// error body); `detail` is for people.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{status} {reason}: {detail}")]
-pub struct Refusal {
-    pub status: StatusCode,
-    pub reason: &'static str,
-    pub detail: String,
-    /// The configured limit that was exceeded, where one was.
-    pub limit: Option<u64>,
-}
-
-impl Refusal {
-    fn bad_request(reason: &'static str, detail: impl Into<String>) -> Self {
-        Self {
-            status: StatusCode::BAD_REQUEST,
-            reason,
-            detail: detail.into(),
-            limit: None,
-        }
-    }
-
-    pub fn body_too_large(limit: usize) -> Self {
-        Self {
-            status: StatusCode::PAYLOAD_TOO_LARGE,
-            reason: "body_too_large",
-            detail: format!("request bodies are limited to {limit} bytes"),
-            limit: Some(limit as u64),
-        }
-    }
-
-    pub fn request_timeout(limit: Duration) -> Self {
-        Self {
-            status: StatusCode::REQUEST_TIMEOUT,
-            reason: "request_timeout",
-            detail: format!("the request took longer than {} ms", limit.as_millis()),
-            limit: Some(limit.as_millis() as u64),
-        }
-    }
-
-    pub fn too_many_connections(limit: usize) -> Self {
-        Self {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            reason: "too_many_connections",
-            detail: format!("this proxy serves at most {limit} connections at once"),
-            limit: Some(limit as u64),
-        }
-    }
-
-    /// The one log line of a refusal.
-    pub fn log(&self, peer: SocketAddr) {
-        tracing::warn!(
-            event = "proxy.refused",
-            reason = self.reason,
-            status = self.status.as_u16(),
-            limit = self.limit,
-            %peer,
-            detail = %self.detail,
-            "request refused"
-        );
-    }
-
-    /// The JSON error answer. Framing errors also close the connection: after a malformed head
-    /// the next request on it cannot be trusted to start where we think it does.
-    pub fn to_response(&self) -> Response<Full<Bytes>> {
-        let mut response =
-            causeway_core::serve::error_response(self.status, self.reason, &self.detail, None);
-        if self.status == StatusCode::BAD_REQUEST {
-            response
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        response
-    }
-}
+pub use causeway_core::refusal::Refusal;
 
 // ---- Hop-by-hop headers ----
 
@@ -355,19 +279,19 @@ pub fn check_request_head(version: Version, headers: &HeaderMap) -> Result<(), R
     if !codings.is_empty() {
         if version == Version::HTTP_10 {
             return Err(Refusal::bad_request(
-                "transfer_encoding_http10",
+                "transfer_encoding_in_http10",
                 "HTTP/1.0 requests cannot use Transfer-Encoding",
             ));
         }
         if has_length {
             return Err(Refusal::bad_request(
-                "content_length_with_transfer_encoding",
+                "ambiguous_framing",
                 "Content-Length and Transfer-Encoding together",
             ));
         }
         if codings.len() != 1 || !codings[0].eq_ignore_ascii_case(b"chunked") {
             return Err(Refusal::bad_request(
-                "transfer_encoding_not_chunked",
+                "unsupported_transfer_encoding",
                 "Transfer-Encoding must be exactly `chunked`",
             ));
         }
@@ -418,33 +342,6 @@ impl LimitsExt for Limits {
     }
 }
 
-/// Waits until a new plain-HTTP connection has sent something; a refusal (logged) if it stays
-/// silent for the idle timeout, and the caller drops the socket. For the auto builder (see
-/// [`Limits::apply_auto`]); hyper's HTTP/1 builder times a silent connection out by itself.
-pub async fn wait_for_first_byte(
-    stream: &tokio::net::TcpStream,
-    peer: SocketAddr,
-    limits: &Limits,
-) -> Result<(), Refusal> {
-    let mut byte = [0u8; 1];
-    match tokio::time::timeout(limits.idle_timeout(), stream.peek(&mut byte)).await {
-        Ok(_) => Ok(()),
-        Err(_) => {
-            let refusal = Refusal {
-                status: StatusCode::REQUEST_TIMEOUT,
-                reason: "idle_timeout",
-                detail: format!(
-                    "no request within {} ms of connecting",
-                    limits.idle_timeout_ms
-                ),
-                limit: Some(limits.idle_timeout_ms),
-            };
-            refusal.log(peer);
-            Err(refusal)
-        }
-    }
-}
-
 // ---- Connections ----
 
 /// Caps open connections: the accept loop asks for a permit per connection and holds it for the
@@ -476,7 +373,7 @@ impl ConnectionLimiter {
             Ok(permit) => Ok(ConnectionPermit { _permit: permit }),
             Err(_) => {
                 let refusal = Refusal::too_many_connections(self.max);
-                refusal.log(peer);
+                refusal.log(peer, None);
                 Err(refusal)
             }
         }

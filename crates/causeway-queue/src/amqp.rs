@@ -73,6 +73,7 @@ use lapin::{Acker, Confirmation as LapinConfirmation};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
 use tokio::sync::Mutex;
 
+use crate::message::resolve_message_id;
 use crate::wire_headers;
 use crate::{
     BackendKind, BrokerTarget, Confirmation, ConnectOptions, Delivery, DeliveryStream,
@@ -225,22 +226,24 @@ struct Received {
 }
 
 impl Received {
-    fn read(properties: &BasicProperties) -> Self {
+    /// Reads a message of `queue`; one without an id gets its content id.
+    fn read(queue: &str, properties: &BasicProperties, payload: &[u8]) -> Self {
         let table = properties.headers().clone().unwrap_or_default();
         let delivery_count = table
             .inner()
             .get("x-delivery-count")
             .and_then(value_text)
             .and_then(|count| count.parse().ok());
-        let headers: BTreeMap<String, String> = table
+        let mut headers: BTreeMap<String, String> = table
             .inner()
             .iter()
             .filter(|(name, _)| !wire_headers::is_transport_header(name.as_str()))
             .filter_map(|(name, value)| Some((name.as_str().to_string(), value_text(value)?)))
             .collect();
         let transport_id = properties.message_id().as_ref().map(ShortString::as_str);
+        let message_id = resolve_message_id(queue, transport_id, &mut headers, payload);
         Self {
-            message_id: wire_headers::message_id(transport_id, &headers),
+            message_id,
             headers,
             delivery_count,
         }
@@ -515,7 +518,8 @@ impl QueueBackend for AmqpBackend {
                 }
                 Err(err) => return Err(broker_error(err)),
             };
-            let received = Received::read(&message.delivery.properties);
+            let received =
+                Received::read(queue, &message.delivery.properties, &message.delivery.data);
             // The broker counts a message we already hold once more when it is given back.
             let returned = received.delivery_count.unwrap_or(0);
             peeked.push(PeekedMessage {
@@ -556,7 +560,8 @@ impl QueueBackend for AmqpBackend {
                 Err(err) if is_not_found(&err) => return Err(QueueError::NoSuchQueue(dlq)),
                 Err(err) => return Err(broker_error(err)),
             };
-            let received = Received::read(&message.delivery.properties);
+            let received =
+                Received::read(&dlq, &message.delivery.properties, &message.delivery.data);
             let headers = wire_headers::redrive_headers(&received.headers);
             // On failure the channel closes below and the dead letter stays where it was.
             self.shared
@@ -636,7 +641,7 @@ impl DeliveryStream for AmqpStream {
                 });
             }
         };
-        let received = Received::read(&delivery.properties);
+        let received = Received::read(&self.spec.name, &delivery.properties, &delivery.data);
         let returned = match received.delivery_count {
             Some(count) => count,
             None => u32::from(delivery.redelivered),

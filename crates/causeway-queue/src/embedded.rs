@@ -22,6 +22,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Status};
 
+use crate::message::resolve_message_id;
 use crate::{
     BackendKind, BrokerTarget, Confirmation, ConnectOptions, Delivery, DeliveryStream,
     OutgoingMessage, PeekedMessage, QueueBackend, QueueError, QueueInfo, QueuePolicy, QueueSpec,
@@ -464,11 +465,20 @@ impl QueueBackend for EmbeddedBackend {
         Ok(response
             .messages
             .into_iter()
-            .map(|message| PeekedMessage {
-                message_id: message.message_id,
-                deliveries: Some(message.deliveries),
-                headers: message.headers.into_iter().collect(),
-                payload: String::from_utf8_lossy(&message.payload).into_owned(),
+            .map(|message| {
+                let mut headers = message.headers.into_iter().collect();
+                let message_id = resolve_message_id(
+                    queue,
+                    Some(&message.message_id),
+                    &mut headers,
+                    &message.payload,
+                );
+                PeekedMessage {
+                    message_id,
+                    deliveries: Some(message.deliveries),
+                    headers,
+                    payload: String::from_utf8_lossy(&message.payload).into_owned(),
+                }
             })
             .collect())
     }
@@ -542,11 +552,20 @@ impl DeliveryStream for EmbeddedStream {
             settles: self.settles.clone(),
             timeout: self.confirm_timeout,
         };
+        // The broker gives every message an id (a content id if it came without one); resolving
+        // here too keeps the rule in one place should an empty id ever arrive.
+        let mut headers = delivery.headers.into_iter().collect::<BTreeMap<_, _>>();
+        let message_id = resolve_message_id(
+            &self.spec.name,
+            Some(&delivery.message_id),
+            &mut headers,
+            &delivery.payload,
+        );
         Ok(Delivery::new(
             self.spec.name.clone(),
-            delivery.message_id,
+            message_id,
             delivery.payload,
-            delivery.headers.into_iter().collect::<BTreeMap<_, _>>(),
+            headers,
             delivery.attempt,
             delivery.redelivered,
             self.spec.policy.clone(),

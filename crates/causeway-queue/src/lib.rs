@@ -8,6 +8,19 @@
 //! carry the message id and trace context. A backend only supplies the primitives (durable publish,
 //! deliveries, ack, delayed redelivery, dead-lettering and the operator views).
 //!
+//! # Message ids
+//!
+//! Every message has a non-empty id that consumers deduplicate on (deliveries are at least once).
+//! [`OutgoingMessage`] assigns one at publish; a message that arrives without one (published by a
+//! foreign client such as pika or paho, or with an empty id) gets [`content_message_id`]:
+//! `sha256:` and the hex SHA-256 of its payload, as SQS FIFO queues' content-based deduplication
+//! does. The id is resolved where every backend decodes a delivery, logged
+//! (`queue.message_id_derived`, with the queue and the id), and written into the delivery's
+//! `message-id` header, which the library's retry, dead-letter and redrive copies carry, so every
+//! later attempt has the same id (the embedded broker derives it the same way when it takes such a
+//! message). Consequence, by design: two id-less messages with different payloads are two
+//! messages; two with byte-identical payloads are one message to a deduplicating consumer.
+//!
 //! Backends: [`embedded`] speaks to Causeway's own broker (the `causeway-broker` crate) over gRPC
 //! with TLS, [`amqp`] to RabbitMQ over AMQP 0.9.1 (lapin), [`mqtt`] to an MQTT 5 broker such as
 //! Mosquitto (rumqttc). [`connect`] picks one from a broker URL.
@@ -32,8 +45,8 @@ pub use causeway_core::queue_policy::{
 pub use error::QueueError;
 pub use link::{BrokerLink, ResolveBroker};
 pub use message::{
-    Delivery, OutgoingMessage, PeekedMessage, Settle, SettleOutcome, headers, new_message_id,
-    now_millis,
+    CONTENT_ID_PREFIX, Delivery, OutgoingMessage, PeekedMessage, Settle, SettleOutcome,
+    content_message_id, headers, new_message_id, now_millis,
 };
 pub use target::{BackendKind, BrokerTarget, ConnectOptions};
 
@@ -110,7 +123,7 @@ pub trait QueueBackend: Send + Sync {
     async fn delete(&self, spec: &QueueSpec) -> Result<(), QueueError>;
 
     /// Validates the queue name and `message` against `spec` (JSON, size), then publishes it with
-    /// confirmation.
+    /// confirmation. A message whose id was left empty goes out with its content id.
     async fn publish(
         &self,
         spec: &QueueSpec,
@@ -118,7 +131,8 @@ pub trait QueueBackend: Send + Sync {
     ) -> Result<Confirmation, QueueError> {
         validate_queue_name(&spec.name)?;
         spec.policy.validate_payload(&message.payload)?;
-        self.publish_validated(spec, message).await
+        self.publish_validated(spec, message.with_id_filled_in())
+            .await
     }
 
     /// Subscribes to `spec`'s queue. Deliveries whose payload breaks the queue's rules (not JSON,

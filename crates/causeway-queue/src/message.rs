@@ -11,7 +11,8 @@ use crate::{PayloadError, QueueError, QueuePolicy};
 /// properties, or the embedded broker's header map).
 pub mod headers {
     /// The message id, assigned at publish and kept through retries and dead-lettering, so that
-    /// consumers can deduplicate at-least-once deliveries.
+    /// consumers can deduplicate at-least-once deliveries. A message that arrives without one
+    /// gets [`content_message_id`](super::content_message_id) of its payload, written here too.
     pub const MESSAGE_ID: &str = "message-id";
     /// W3C trace context of the publisher's span.
     pub const TRACEPARENT: &str = "traceparent";
@@ -30,6 +31,59 @@ pub mod headers {
 /// A fresh message id: 128 random bits in hex.
 pub fn new_message_id() -> String {
     format!("{:032x}", rand::random::<u128>())
+}
+
+/// What a content-derived message id starts with.
+pub const CONTENT_ID_PREFIX: &str = "sha256:";
+
+/// The id of a message that arrived without one: `sha256:` and the hex SHA-256 of its payload,
+/// as SQS FIFO queues' content-based deduplication does. The same bytes always give the same id,
+/// so every redelivery of the message has it, and two id-less messages with identical payloads
+/// are one message to a consumer that deduplicates (by design: nothing else tells them apart).
+pub fn content_message_id(payload: &[u8]) -> String {
+    use std::fmt::Write;
+    let digest = ring::digest::digest(&ring::digest::SHA256, payload);
+    let mut id = String::with_capacity(CONTENT_ID_PREFIX.len() + 64);
+    id.push_str(CONTENT_ID_PREFIX);
+    for byte in digest.as_ref() {
+        let _ = write!(id, "{byte:02x}");
+    }
+    id
+}
+
+/// The id of a message `queue` delivered: the transport's own field if it has one, else the
+/// `message-id` header, else [`content_message_id`] (logged). Every backend decodes deliveries
+/// (and peeked messages) through this, so none can fall back to an empty id. The id is written
+/// into `headers`, from which retries, dead letters and redrives are copied: later attempts then
+/// carry it explicitly.
+pub(crate) fn resolve_message_id(
+    queue: &str,
+    transport_id: Option<&str>,
+    headers: &mut BTreeMap<String, String>,
+    payload: &[u8],
+) -> String {
+    let carried = transport_id
+        .filter(|id| !id.is_empty())
+        .or_else(|| {
+            headers
+                .get(headers::MESSAGE_ID)
+                .map(String::as_str)
+                .filter(|id| !id.is_empty())
+        })
+        .map(str::to_string);
+    let message_id = carried.unwrap_or_else(|| {
+        let derived = content_message_id(payload);
+        tracing::info!(
+            event = "queue.message_id_derived",
+            queue,
+            message_id = %derived,
+            payload_bytes = payload.len(),
+            "a message arrived without an id; using one derived from its payload"
+        );
+        derived
+    });
+    headers.insert(headers::MESSAGE_ID.to_string(), message_id.clone());
+    message_id
 }
 
 /// Milliseconds since the Unix epoch.
@@ -87,6 +141,17 @@ impl OutgoingMessage {
         self.headers
             .insert(headers::MESSAGE_ID.to_string(), self.message_id.clone());
         self
+    }
+
+    /// The message as it is published: an empty id (the fields are public) becomes the payload's
+    /// [`content_message_id`], and the header carries the id (MQTT has no other place for it).
+    pub(crate) fn with_id_filled_in(self) -> Self {
+        let message_id = if self.message_id.is_empty() {
+            content_message_id(&self.payload)
+        } else {
+            self.message_id.clone()
+        };
+        self.with_message_id(message_id)
     }
 }
 
@@ -154,18 +219,20 @@ impl std::fmt::Debug for Delivery {
 }
 
 impl Delivery {
-    /// Built by backends.
+    /// Built by backends. An empty `message_id` (a backend that did not resolve it) is resolved
+    /// here, from the headers or the payload, so that a delivery never has an empty id.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         queue: String,
         message_id: String,
         payload: Bytes,
-        headers: BTreeMap<String, String>,
+        mut headers: BTreeMap<String, String>,
         attempt: u32,
         redelivered: bool,
         policy: QueuePolicy,
         settle: Box<dyn Settle>,
     ) -> Self {
+        let message_id = resolve_message_id(&queue, Some(&message_id), &mut headers, &payload);
         Self {
             queue,
             message_id,
@@ -321,6 +388,73 @@ mod tests {
                 "ack",
             ]
         );
+    }
+
+    #[test]
+    fn content_ids_are_the_payloads_sha256() {
+        // `printf '{}' | sha256sum` and `printf '' | sha256sum`.
+        assert_eq!(
+            content_message_id(b"{}"),
+            "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
+        );
+        assert_eq!(
+            content_message_id(b""),
+            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        assert_ne!(
+            content_message_id(b"{\"n\":1}"),
+            content_message_id(b"{\"n\":2}")
+        );
+    }
+
+    #[test]
+    fn a_delivered_id_is_never_empty() {
+        let map = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let mut carried = map(&[(headers::MESSAGE_ID, "m1")]);
+        assert_eq!(
+            resolve_message_id("q", Some("own"), &mut carried, b"{}"),
+            "own"
+        );
+        assert_eq!(carried[headers::MESSAGE_ID], "own");
+        let mut carried = map(&[(headers::MESSAGE_ID, "m1")]);
+        assert_eq!(resolve_message_id("q", Some(""), &mut carried, b"{}"), "m1");
+        assert_eq!(resolve_message_id("q", None, &mut carried, b"{}"), "m1");
+        // No id anywhere (or only empty ones): the content id, written into the headers so that
+        // copies made from them carry it.
+        for mut headers in [map(&[]), map(&[(headers::MESSAGE_ID, "")])] {
+            let id = resolve_message_id("q", Some(""), &mut headers, b"{}");
+            assert_eq!(id, content_message_id(b"{}"));
+            assert_eq!(headers, map(&[(headers::MESSAGE_ID, id.as_str())]));
+        }
+        // A backend that hands Delivery::new an empty id still yields a delivery with one.
+        let recorder = Recorder::default();
+        let delivery = Delivery::new(
+            "q".into(),
+            String::new(),
+            Bytes::from_static(b"{}"),
+            BTreeMap::new(),
+            1,
+            false,
+            QueuePolicy::default(),
+            Box::new(recorder),
+        );
+        assert_eq!(delivery.message_id, content_message_id(b"{}"));
+        assert_eq!(
+            delivery.header(headers::MESSAGE_ID),
+            Some(delivery.message_id.as_str())
+        );
+        // A message published with its id left empty goes out under its content id.
+        let mut outgoing = OutgoingMessage::new(&b"{}"[..]);
+        outgoing.message_id.clear();
+        outgoing.headers.remove(headers::MESSAGE_ID);
+        let outgoing = outgoing.with_id_filled_in();
+        assert_eq!(outgoing.message_id, content_message_id(b"{}"));
+        assert_eq!(outgoing.headers[headers::MESSAGE_ID], outgoing.message_id);
     }
 
     #[test]

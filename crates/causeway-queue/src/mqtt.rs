@@ -90,7 +90,7 @@ use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, S
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::message::since_epoch;
+use crate::message::{resolve_message_id, since_epoch};
 use crate::wire_headers;
 use crate::{
     BackendKind, BrokerTarget, Confirmation, ConnectOptions, Delivery, DeliveryStream,
@@ -818,7 +818,8 @@ struct Received {
 }
 
 impl Received {
-    fn read(publish: &Publish) -> Self {
+    /// Reads a message of `queue`; one without an id gets its content id.
+    fn read(queue: &str, publish: &Publish) -> Self {
         let properties = publish
             .properties
             .as_ref()
@@ -828,13 +829,15 @@ impl Received {
             .iter()
             .find(|(name, _)| name == wire_headers::NOT_BEFORE)
             .and_then(|(_, value)| value.parse().ok());
-        let headers: BTreeMap<String, String> = properties
+        let mut headers: BTreeMap<String, String> = properties
             .iter()
             .filter(|(name, _)| !wire_headers::is_transport_header(name))
             .cloned()
             .collect();
+        // MQTT has no message id field: the header is the only carrier.
+        let message_id = resolve_message_id(queue, None, &mut headers, &publish.payload);
         Self {
-            message_id: wire_headers::message_id(None, &headers),
+            message_id,
             headers,
             not_before,
         }
@@ -927,7 +930,7 @@ impl QueueBackend for MqttBackend {
                 // Quiet for a while (or the loop ended): the dead-letter session is drained.
                 Ok(None) | Err(_) => break,
             };
-            let received = Received::read(&publish);
+            let received = Received::read(&dlq, &publish);
             let headers = wire_headers::redrive_headers(&received.headers);
             self.publisher
                 .publish(
@@ -985,7 +988,7 @@ impl DeliveryStream for MqttStream {
                 None => return Err(disconnected("the session's event loop ended")),
             }
         };
-        let received = Received::read(&publish);
+        let received = Received::read(&self.spec.name, &publish);
         if let Some(not_before) = received.not_before {
             // A retry waiting out its backoff: hold it (and, in order, all behind it) back.
             // Measured at sub-millisecond precision so the copy never comes back early.

@@ -129,15 +129,6 @@ pub(crate) fn deliveries_so_far(headers: &BTreeMap<String, String>, returned: u3
     }
 }
 
-/// The message id: the transport's own field if it has one, else the header.
-pub(crate) fn message_id(transport_id: Option<&str>, headers: &BTreeMap<String, String>) -> String {
-    transport_id
-        .filter(|id| !id.is_empty())
-        .or_else(|| headers.get(headers::MESSAGE_ID).map(String::as_str))
-        .unwrap_or_default()
-        .to_string()
-}
-
 fn clean_copy(headers: &BTreeMap<String, String>) -> BTreeMap<String, String> {
     headers
         .iter()
@@ -177,7 +168,5 @@ mod tests {
         assert_eq!(deliveries_so_far(&dead, 0), 3);
         assert_eq!(deliveries_so_far(&retry, 1), 3);
         assert_eq!(redrive_headers(&dead), map(&[(headers::MESSAGE_ID, "m1")]));
-        assert_eq!(message_id(None, &dead), "m1");
-        assert_eq!(message_id(Some("own"), &dead), "own");
     }
 }

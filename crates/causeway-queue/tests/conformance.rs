@@ -28,7 +28,155 @@ const QUIET_PERIOD: Duration = Duration::from_millis(700);
 /// certificate and server name a client needs.
 struct Fixture {
     backend: Arc<dyn QueueBackend>,
+    raw: RawPublisher,
     _broker: Option<causeway_broker::testing::LocalBroker>,
+}
+
+/// Publishes as a foreign client would (Python's pika or paho, or a gRPC client of the embedded
+/// broker): straight onto the transport, with no message id and no headers, bypassing the
+/// library's publish (which always sets an id).
+#[derive(Clone)]
+enum RawPublisher {
+    /// The embedded broker's gRPC API.
+    Embedded {
+        addr: std::net::SocketAddr,
+        ca_cert: std::path::PathBuf,
+        server_name: String,
+    },
+    /// AMQP 0.9.1 through lapin, without the `message_id` property.
+    Amqp { url: String },
+    /// MQTT 5 through rumqttc, without user properties.
+    Mqtt { host: String, port: u16 },
+}
+
+impl RawPublisher {
+    async fn publish(&self, queue: &str, payload: &'static [u8]) {
+        tokio::time::timeout(RECEIVE_TIMEOUT, self.publish_confirmed(queue, payload))
+            .await
+            .unwrap_or_else(|_| panic!("no confirm for a raw publish to {queue}"));
+    }
+
+    async fn publish_confirmed(&self, queue: &str, payload: &'static [u8]) {
+        match self {
+            RawPublisher::Embedded {
+                addr,
+                ca_cert,
+                server_name,
+            } => {
+                use causeway_proto::broker::v1 as pb;
+                use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+                let ca = std::fs::read(ca_cert).expect("read the test CA");
+                let tls = ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(ca))
+                    .domain_name(server_name.clone());
+                let channel = Endpoint::from_shared(format!("https://{addr}"))
+                    .expect("endpoint")
+                    .tls_config(tls)
+                    .expect("TLS config")
+                    .connect()
+                    .await
+                    .expect("connect to the embedded broker");
+                let mut client = pb::broker_client::BrokerClient::new(channel);
+                let (requests, receiver) = tokio::sync::mpsc::unbounded_channel();
+                requests
+                    .send(pb::PublishRequest {
+                        correlation: 1,
+                        queue: queue.to_string(),
+                        // proto3's default: what a client that sets no id sends.
+                        message_id: String::new(),
+                        headers: Default::default(),
+                        payload: bytes::Bytes::from_static(payload),
+                    })
+                    .expect("queue the publish");
+                let mut confirms = client
+                    .publish(tokio_stream::wrappers::UnboundedReceiverStream::new(
+                        receiver,
+                    ))
+                    .await
+                    .expect("open a publish stream")
+                    .into_inner();
+                let confirm = confirms
+                    .message()
+                    .await
+                    .expect("the publish stream")
+                    .expect("a confirm");
+                match confirm.result {
+                    Some(pb::publish_confirm::Result::Sequence(_)) => {}
+                    other => panic!("the broker refused an id-less message: {other:?}"),
+                }
+                drop(requests);
+            }
+            RawPublisher::Amqp { url } => {
+                use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+                let connection =
+                    lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+                        .await
+                        .expect("connect to RabbitMQ");
+                let channel = connection.create_channel().await.expect("a channel");
+                channel
+                    .confirm_select(ConfirmSelectOptions::default())
+                    .await
+                    .expect("confirm mode");
+                let options = BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                };
+                let confirmation = channel
+                    .basic_publish(
+                        "".into(),
+                        queue.into(),
+                        options,
+                        payload,
+                        lapin::BasicProperties::default().with_delivery_mode(2),
+                    )
+                    .await
+                    .expect("publish")
+                    .await
+                    .expect("a publisher confirm");
+                assert!(
+                    matches!(confirmation, lapin::Confirmation::Ack(None)),
+                    "{confirmation:?}"
+                );
+                let _ = connection.close(200, "OK".into()).await;
+            }
+            RawPublisher::Mqtt { host, port } => {
+                use rumqttc::v5::mqttbytes::QoS;
+                use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
+                use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+                let client_id = format!(
+                    "conformance-raw-{}",
+                    &causeway_queue::new_message_id()[..12]
+                );
+                let (client, mut eventloop) =
+                    AsyncClient::new(MqttOptions::new(client_id, host.clone(), *port), 16);
+                client
+                    .publish(
+                        causeway_queue::mqtt::topic(queue),
+                        QoS::AtLeastOnce,
+                        false,
+                        payload,
+                    )
+                    .await
+                    .expect("queue the publish");
+                loop {
+                    match eventloop.poll().await.expect("the MQTT connection") {
+                        Event::Incoming(Packet::PubAck(ack)) => {
+                            assert_eq!(ack.reason, PubAckReason::Success, "{ack:?}");
+                            break;
+                        }
+                        _ => continue,
+                    }
+                }
+                let _ = client.disconnect().await;
+                // Let the DISCONNECT go out.
+                while let Ok(event) = eventloop.poll().await {
+                    if matches!(event, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                        break;
+                    }
+                }
+            }
+        }
+    }
 }
 
 async fn fixture(kind: BackendKind) -> Option<Fixture> {
@@ -42,8 +190,14 @@ async fn fixture(kind: BackendKind) -> Option<Fixture> {
                 causeway_queue::connect(&broker.target(), &broker.connect_options(options))
                     .await
                     .expect("connect to the in-process embedded broker");
+            let raw = RawPublisher::Embedded {
+                addr: broker.addr,
+                ca_cert: broker.ca_cert.clone(),
+                server_name: broker.server_name.clone(),
+            };
             Some(Fixture {
                 backend,
+                raw,
                 _broker: Some(broker),
             })
         }
@@ -63,8 +217,13 @@ async fn fixture(kind: BackendKind) -> Option<Fixture> {
             let backend = causeway_queue::connect(&target, &options)
                 .await
                 .unwrap_or_else(|err| panic!("connect to {url}: {err}"));
+            let raw = match target {
+                BrokerTarget::Mqtt { host, port } => RawPublisher::Mqtt { host, port },
+                _ => RawPublisher::Amqp { url },
+            };
             Some(Fixture {
                 backend,
+                raw,
                 _broker: None,
             })
         }
@@ -438,6 +597,78 @@ async fn list_and_peek(backend: &dyn QueueBackend) {
     backend.delete(&spec).await.expect("delete");
 }
 
+const RAW_FIRST: &[u8] = br#"{"emailId":1,"status":"sent","userId":123}"#;
+const RAW_SECOND: &[u8] = br#"{"emailId":2,"status":"sent","userId":123}"#;
+/// `sha256:` and `printf '%s' '<payload>' | sha256sum`, computed outside the code under test.
+const RAW_FIRST_ID: &str =
+    "sha256:ae4866cef52054d276c8a98e706a214f1b139459ad8ec77fd9f7227caea9c29d";
+const RAW_SECOND_ID: &str =
+    "sha256:e69b045ce5dcf60a3287ed77e4143be3aa3e7aabc95383cc3d52b0329e2f36b7";
+
+/// Messages published without an id (by a foreign client, straight onto the transport) are all
+/// delivered, each with its content id: different payloads get different ids, identical ones the
+/// same id (one message, by design), and a retry and a dead letter keep the id.
+async fn messages_without_an_id_get_their_content_id(
+    backend: &dyn QueueBackend,
+    raw: &RawPublisher,
+) {
+    let spec = unique_queue("noid", 3, 100);
+    backend.declare(&spec).await.expect("declare");
+    for payload in [RAW_FIRST, RAW_SECOND, RAW_FIRST] {
+        raw.publish(&spec.name, payload).await;
+    }
+    let mut subscription = backend.subscribe(&spec, 8).await.expect("subscribe");
+    let first = next(&mut subscription).await;
+    let second = next(&mut subscription).await;
+    let repeated = next(&mut subscription).await;
+    for (delivery, email, id) in [
+        (&first, 1, RAW_FIRST_ID),
+        (&second, 2, RAW_SECOND_ID),
+        (&repeated, 1, RAW_FIRST_ID),
+    ] {
+        assert_eq!(email_id(delivery), email);
+        assert_eq!(delivery.message_id, id, "{delivery:?}");
+        assert_eq!(delivery.header(headers::MESSAGE_ID), Some(id));
+        assert_eq!(delivery.attempt, 1);
+    }
+    assert_ne!(first.message_id, second.message_id);
+
+    // The retried copy is a later attempt of the same message, with the same id.
+    let outcome = first.retry("smtp down").await.expect("retry");
+    assert!(
+        matches!(
+            outcome,
+            SettleOutcome::RetryScheduled {
+                next_attempt: 2,
+                ..
+            }
+        ),
+        "{outcome:?}"
+    );
+    second.ack().await.expect("ack");
+    repeated.ack().await.expect("ack");
+    let retried = next(&mut subscription).await;
+    assert_eq!(email_id(&retried), 1);
+    assert_eq!(retried.attempt, 2);
+    assert_eq!(retried.message_id, RAW_FIRST_ID);
+    assert_eq!(retried.header(headers::MESSAGE_ID), Some(RAW_FIRST_ID));
+    retried.reject("unknown user").await.expect("reject");
+    expect_quiet(&mut subscription).await;
+    drop(subscription);
+
+    // So does its dead letter.
+    let mut dead = backend
+        .subscribe(&dead_letter_spec(&spec), 4)
+        .await
+        .expect("subscribe to the dead-letter queue");
+    let letter = next(&mut dead).await;
+    assert_eq!(letter.message_id, RAW_FIRST_ID);
+    assert_eq!(letter.header(headers::MESSAGE_ID), Some(RAW_FIRST_ID));
+    letter.ack().await.expect("ack the dead letter");
+    drop(dead);
+    backend.delete(&spec).await.expect("delete");
+}
+
 /// Names that are not valid everywhere are refused before anything reaches a broker.
 async fn invalid_queue_names_are_refused(backend: &dyn QueueBackend) {
     let mut spec = unique_queue("name", 3, 50);
@@ -467,6 +698,17 @@ macro_rules! conformance {
             {
                 if let Some(fixture) = fixture($kind).await {
                     test(fixture.backend.clone()).await;
+                }
+            }
+
+            /// `run` for tests that also publish past the library.
+            async fn run_raw<F, Fut>(test: F)
+            where
+                F: FnOnce(Arc<dyn QueueBackend>, RawPublisher) -> Fut,
+                Fut: std::future::Future<Output = ()>,
+            {
+                if let Some(fixture) = fixture($kind).await {
+                    test(fixture.backend.clone(), fixture.raw.clone()).await;
                 }
             }
 
@@ -503,6 +745,13 @@ macro_rules! conformance {
             #[tokio::test]
             async fn list_and_peek() {
                 run(|b| async move { super::list_and_peek(&*b).await }).await;
+            }
+            #[tokio::test]
+            async fn messages_without_an_id_get_their_content_id() {
+                run_raw(|b, raw| async move {
+                    super::messages_without_an_id_get_their_content_id(&*b, &raw).await
+                })
+                .await;
             }
             #[tokio::test]
             async fn invalid_queue_names_are_refused() {

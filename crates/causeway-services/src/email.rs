@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
 use crate::db::{self, Database};
-use crate::http::{ApiError, service_api};
+use crate::http::{ApiError, Caller, service_api};
 use crate::{ServiceDeps, ServiceError};
 
 /// How often the relay looks for messages that were not published.
@@ -187,12 +187,14 @@ pub async fn app(
 async fn send_email(
     State(state): State<EmailState>,
     Extension(trace): Extension<TraceContext>,
+    caller: Caller,
     body: Result<Json<SendEmail>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let Json(request) = body.map_err(|err| {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_email", err.body_text()).for_request(&trace)
     })?;
+    caller.may_act_for_user(request.user_id)?;
     let unavailable = |err: sqlx::Error| {
         ApiError::database_unavailable(&state.instance, "record the email", &err)
             .for_request(&trace)
@@ -354,6 +356,7 @@ async fn publish_and_mark(
 async fn show_email(
     State(state): State<EmailState>,
     Extension(trace): Extension<TraceContext>,
+    caller: Caller,
     Path(raw_id): Path<String>,
 ) -> Result<Response, ApiError> {
     let email_id: i64 = raw_id.parse().map_err(|_| {
@@ -395,6 +398,7 @@ async fn show_email(
         })
     })()
     .map_err(|err| ApiError::bad_row(&err).for_request(&trace))?;
+    caller.may_act_for_user(record.user_id)?;
     Ok(Json(record).into_response())
 }
 

@@ -1,15 +1,18 @@
 //! What every service's HTTP API shares: trace context and request ids on every request, a log
-//! line and metrics per request, and JSON errors.
+//! line and metrics per request, JSON errors, and the caller's [`Principal`] as the edge verified
+//! it ([`Caller`]), by which handlers authorize (the model is `causeway_core::principal`'s).
 
 use std::time::Instant;
 
 use axum::Json;
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{FromRequestParts, MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use causeway_core::principal::{Principal, scopes};
 use causeway_core::registry_api::ErrorBody;
 use causeway_core::telemetry::HttpMetrics;
 use causeway_core::trace_context::{REQUEST_ID, TraceContext};
+use http::request::Parts;
 use http::{HeaderValue, StatusCode};
 
 /// An error answer: status plus the common JSON body.
@@ -65,6 +68,72 @@ pub fn read_rows<T>(
         .map(read)
         .collect::<Result<_, _>>()
         .map_err(|err| ApiError::bad_row(&err))
+}
+
+/// The principal a request acts for. Extracting it refuses a request without one (401
+/// `unauthenticated`): every service route is behind the edge's token check, so a request with no
+/// principal did not come through it.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub principal: Principal,
+    trace: Option<TraceContext>,
+}
+
+impl Caller {
+    /// Ok when the caller may read or change user `user_id`'s data; 403 `forbidden` otherwise.
+    pub fn may_act_for_user(&self, user_id: i64) -> Result<(), ApiError> {
+        if self.principal.may_act_for_user(user_id) {
+            return Ok(());
+        }
+        Err(self.forbidden(format!(
+            "subject {:?} may not act for user {user_id} (needs to be that user or hold the {:?} scope)",
+            self.principal.subject,
+            scopes::ADMIN
+        )))
+    }
+
+    /// Ok when the caller holds the admin scope; 403 `forbidden` naming `what` otherwise.
+    pub fn require_admin(&self, what: &str) -> Result<(), ApiError> {
+        if self.principal.has_scope(scopes::ADMIN) {
+            return Ok(());
+        }
+        Err(self.forbidden(format!(
+            "{what} needs the {:?} scope, which subject {:?} does not hold",
+            scopes::ADMIN,
+            self.principal.subject
+        )))
+    }
+
+    fn forbidden(&self, message: String) -> ApiError {
+        tracing::warn!(subject = %self.principal.subject, reason = %message, "request forbidden");
+        let error = ApiError::new(StatusCode::FORBIDDEN, "forbidden", message);
+        match &self.trace {
+            Some(trace) => error.for_request(trace),
+            None => error,
+        }
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        let trace = parts.extensions.get::<TraceContext>().cloned();
+        match Principal::from_headers(&parts.headers) {
+            Some(principal) => Ok(Self { principal, trace }),
+            None => {
+                let error = ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthenticated",
+                    "the request carries no authenticated subject; call through the edge with a bearer token",
+                );
+                Err(match &trace {
+                    Some(trace) => error.for_request(trace),
+                    None => error,
+                })
+            }
+        }
+    }
 }
 
 impl IntoResponse for ApiError {

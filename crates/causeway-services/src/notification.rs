@@ -3,9 +3,12 @@
 //!
 //! Deliveries are at least once, so the write is idempotent on the message id: a redelivered
 //! message (after a crash between commit and ack, or a publisher's outbox relay sending again)
-//! is acked without a second row. A failure that may pass (the database is busy) is retried with
-//! the queue's backoff; a message that can never be processed (wrong shape) is dead-lettered at
-//! once; a message that keeps failing ends in the dead-letter queue after the policy's attempts.
+//! is acked without a second row. A message published without an id (a foreign client) arrives
+//! with its content id from `causeway-queue` (`sha256:` of its payload), so id-less messages with
+//! different bodies are separate notifications and only a byte-identical body is a duplicate.
+//! A failure that may pass (the database is busy) is retried with the queue's backoff; a message
+//! that can never be processed (wrong shape) is dead-lettered at once; a message that keeps
+//! failing ends in the dead-letter queue after the policy's attempts.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,7 +30,7 @@ use sqlx::Row;
 
 use crate::db::{self, Database};
 use crate::email::EmailSent;
-use crate::http::{ApiError, read_rows, service_api};
+use crate::http::{ApiError, Caller, read_rows, service_api};
 use crate::{ServiceDeps, ServiceError};
 
 /// The first wait before subscribing again after the broker went away; it doubles up to the max.
@@ -419,6 +422,7 @@ struct NotificationsQuery {
 async fn list_notifications(
     State(state): State<NotificationState>,
     Extension(trace): Extension<TraceContext>,
+    caller: Caller,
     query: Result<Query<NotificationsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let bad_request = |message: String| {
@@ -431,6 +435,7 @@ async fn list_notifications(
     let user_id: i64 = raw
         .parse()
         .map_err(|_| bad_request(format!("userId must be an integer, not {raw:?}")))?;
+    caller.may_act_for_user(user_id)?;
     let rows = sqlx::query(
         "SELECT message_id, email_id, user_id, text, attempt, latency_ms, processing_us
          FROM notifications
@@ -467,8 +472,11 @@ struct FailuresQuery {
 async fn list_failures(
     State(state): State<NotificationState>,
     Extension(trace): Extension<TraceContext>,
+    caller: Caller,
     Query(query): Query<FailuresQuery>,
 ) -> Result<Response, ApiError> {
+    // Failed deliveries include messages that name no user (broken bodies): an operator's view.
+    caller.require_admin("the failed-delivery log")?;
     let message_id = query.message_id.ok_or_else(|| {
         ApiError::new(
             StatusCode::BAD_REQUEST,

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
 use crate::db::{self, Database};
-use crate::http::{ApiError, read_rows, service_api};
+use crate::http::{ApiError, Caller, read_rows, service_api};
 use crate::{ServiceDeps, ServiceError};
 
 /// One order as the API shows it (the reference's `[{ orderId: 1, item: "Book" }]`).
@@ -70,6 +70,7 @@ pub async fn app(deps: &ServiceDeps) -> Result<Router, ServiceError> {
 async fn list_orders(
     State(state): State<OrderState>,
     Extension(trace): Extension<TraceContext>,
+    caller: Caller,
     query: Result<Query<OrdersQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
@@ -83,6 +84,7 @@ async fn list_orders(
     let user_id: i64 = raw
         .parse()
         .map_err(|_| bad_request(format!("userId must be an integer, not {raw:?}")))?;
+    caller.may_act_for_user(user_id)?;
 
     let db_started = Instant::now();
     let rows = sqlx::query(

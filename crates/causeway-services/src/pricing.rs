@@ -1,5 +1,6 @@
 //! Pricing Service: `pricing.v1.PricingService` over gRPC (protobuf over HTTP/2 with TLS), with the
-//! standard `grpc.health.v1.Health` and `grpc.reflection.v1.ServerReflection` services beside it.
+//! standard `grpc.health.v1.Health` and server reflection (`grpc.reflection.v1` and `v1alpha`)
+//! beside it. A request message over the size limit is `RESOURCE_EXHAUSTED`.
 //! List prices live in its own database (table `prices`); live repricing drifts them in memory and
 //! stores nothing.
 //!
@@ -28,6 +29,7 @@ use std::future::Future;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use causeway_client::grpc::limit::LimitRequests;
 use causeway_client::grpc::{code_name, parse_grpc_timeout};
 use causeway_core::serve::{KeepAlive, shutdown_channel};
 use causeway_core::server_timing::{self, SERVER_TIMING};
@@ -56,6 +58,8 @@ use tonic::service::Routes;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::db::{self, Database};
+
+mod reflection;
 use crate::{ServiceDeps, ServiceError};
 
 /// The service's name in discovery (`pricing-service.internal`).
@@ -320,10 +324,19 @@ pub async fn serve(
     let tls = tokio_rustls::TlsAcceptor::from(causeway_core::tls::grpc_server_config(tls)?);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<PricingServiceServer<Pricing>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(causeway_proto::PRICING_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Both reflection versions list both, as they are both served.
+    let descriptors = || {
+        tonic_reflection::server::Builder::configure()
+            .include_reflection_service(false)
+            .register_encoded_file_descriptor_set(causeway_proto::PRICING_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
+    };
+    let reflection_v1 = reflection::v1::service(descriptors().build_v1()?);
+    let reflection_v1alpha = reflection::v1alpha::service(descriptors().build_v1alpha()?);
 
     let (stop_streams, stopping) = watch::channel(false);
     let instance = app.instance.clone();
@@ -338,7 +351,8 @@ pub async fn serve(
     .max_decoding_message_size(MAX_REQUEST_BYTES);
     let addr = listener.local_addr()?;
     let routes = Routes::new(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(pricing)
         .prepare();
     tracing::info!(%instance, %addr, "pricing gRPC server listening (TLS, HTTP/2)");
@@ -361,7 +375,9 @@ pub async fn serve(
     let server = causeway_core::serve::serve_http2(
         listener,
         Some(tls),
-        move |_| TowerToHyperService::new(routes.clone()),
+        // Every service's requests are a few SKUs or names; a larger message is
+        // RESOURCE_EXHAUSTED (tonic's own limit below would say OUT_OF_RANGE).
+        move |_| TowerToHyperService::new(LimitRequests::new(routes.clone(), MAX_REQUEST_BYTES)),
         serving_stopped,
         DRAIN,
         KeepAlive::default(),

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
 use crate::db::{self, Database};
-use crate::http::{ApiError, service_api};
+use crate::http::{ApiError, Caller, service_api};
 use crate::order::Order;
 use crate::{ServiceDeps, ServiceError};
 
@@ -128,22 +128,26 @@ async fn load_user(
 async fn get_user(
     State(state): State<UserState>,
     Extension(trace): Extension<TraceContext>,
+    caller: Caller,
     Path(raw_id): Path<String>,
 ) -> Result<Json<User>, ApiError> {
     let id = parse_user_id(&raw_id, &trace)?;
+    caller.may_act_for_user(id)?;
     Ok(Json(load_user(&state, id, &trace).await?.0))
 }
 
 async fn get_user_orders(
     State(state): State<UserState>,
     Extension(trace): Extension<TraceContext>,
+    caller: Caller,
     Path(raw_id): Path<String>,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let id = parse_user_id(&raw_id, &trace)?;
+    caller.may_act_for_user(id)?;
     let (user, db_elapsed) = load_user(&state, id, &trace).await?;
 
-    let request = Request::get(format!("/orders?userId={id}"))
+    let mut request = Request::get(format!("/orders?userId={id}"))
         .body(Bytes::new())
         .map_err(|err| {
             ApiError::new(
@@ -152,6 +156,8 @@ async fn get_user_orders(
                 err.to_string(),
             )
         })?;
+    // Order Service authorizes the same caller, not User Service.
+    caller.principal.to_headers(request.headers_mut());
     let (result, report) = state.client.send(ORDER_SERVICE, request, &trace).await;
     let mut headers = HeaderMap::new();
     report_call(&mut headers, &report, &format!("/orders?userId={id}"));

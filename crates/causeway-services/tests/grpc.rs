@@ -916,6 +916,7 @@ async fn health_reflection_and_graceful_shutdown() {
         [
             "grpc.health.v1.Health",
             "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
             "pricing.v1.PricingService"
         ]
     );
@@ -1458,4 +1459,199 @@ async fn python_client_speaks_to_pricing() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(stdout.contains("all checks passed"), "{stdout}");
+}
+
+/// A message over a size limit is RESOURCE_EXHAUSTED wherever it is caught, as grpc-go,
+/// grpc-java and Envoy answer (tonic's codec alone says OUT_OF_RANGE): by Pricing for a request
+/// of any call kind, and by the client library's channel for a request over the generated
+/// client's send limit or a response over the channel's receive limit. Each side keeps serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_messages_are_resource_exhausted() {
+    let dir = TestDir::new("oversized");
+    let pki = pki(&dir.0);
+    let instance = PricingInstance::start(&dir.0, &pki, 0).await;
+    let huge = "S".repeat(70 * 1024);
+
+    let mut client = pricing_client(&instance, &pki).await;
+    expect_status(
+        client.get_price(get_price(&huge)).await,
+        Code::ResourceExhausted,
+        "larger than max",
+    );
+    let basket = [BasketItem {
+        sku: huge.clone(),
+        quantity: 1,
+    }];
+    expect_status(
+        client.quote_basket(tokio_stream::iter(basket)).await,
+        Code::ResourceExhausted,
+        "larger than max",
+    );
+    let offers = [Offer {
+        sku: huge.clone(),
+        quantity: 1,
+        offered_unit_price_cents: 1,
+    }];
+    let mut session = client
+        .live_pricing(tokio_stream::iter(offers))
+        .await
+        .expect("LivePricing opens")
+        .into_inner();
+    expect_status(
+        session.message().await,
+        Code::ResourceExhausted,
+        "larger than max",
+    );
+    assert!(client.get_price(get_price("SKU-0001")).await.is_ok());
+
+    // The client library's channel: a request over the generated client's send limit...
+    let tls = causeway_core::tls::client_config(&pki.ca).expect("client TLS");
+    let channel = causeway_client::grpc::GrpcChannel::fixed(
+        "pricing-service.internal",
+        instance.addr,
+        tls,
+        Duration::from_secs(2),
+    )
+    .expect("channel");
+    let mut small_sends = PricingServiceClient::new(channel.clone()).max_encoding_message_size(16);
+    expect_status(
+        small_sends.get_price(get_price(&"S".repeat(100))).await,
+        Code::ResourceExhausted,
+        "",
+    );
+    assert!(small_sends.get_price(get_price("SKU-0001")).await.is_ok());
+    // Also when the call's response has begun: the second offer is over the limit.
+    let offers = [
+        Offer {
+            sku: "SKU-0001".into(),
+            quantity: 1,
+            offered_unit_price_cents: 1,
+        },
+        Offer {
+            sku: "S".repeat(100),
+            quantity: 1,
+            offered_unit_price_cents: 1,
+        },
+    ];
+    let (offer_sender, offer_receiver) = mpsc::channel(2);
+    let mut session = small_sends
+        .live_pricing(ReceiverStream::new(offer_receiver))
+        .await
+        .expect("LivePricing opens")
+        .into_inner();
+    let [first, second] = offers;
+    offer_sender.send(first).await.expect("send");
+    assert!(session.message().await.expect("counter-offer").is_some());
+    offer_sender.send(second).await.expect("send");
+    expect_status(session.message().await, Code::ResourceExhausted, "");
+    // ...and a response over the channel's receive limit.
+    let mut small_answers = PricingServiceClient::new(channel.with_max_decoding_message_size(8));
+    expect_status(
+        small_answers.get_price(get_price("SKU-0001")).await,
+        Code::ResourceExhausted,
+        "larger than max",
+    );
+    // Streamed responses are limited alike.
+    let mut stream = small_answers
+        .stream_prices(StreamPricesRequest {
+            skus: vec!["SKU-0001".into()],
+            interval_ms: 10,
+            max_updates: 1,
+        })
+        .await
+        .expect("StreamPrices opens")
+        .into_inner();
+    expect_status(
+        stream.message().await,
+        Code::ResourceExhausted,
+        "larger than max",
+    );
+}
+
+/// Both reflection versions are served and list each other; an unknown symbol or file is a
+/// `NOT_FOUND` ErrorResponse on the stream, which stays open and answers the next request.
+#[tokio::test(flavor = "multi_thread")]
+async fn reflection_answers_errors_on_the_stream_in_both_versions() {
+    let dir = TestDir::new("reflection");
+    let pki = pki(&dir.0);
+    let instance = PricingInstance::start(&dir.0, &pki, 0).await;
+    let channel = direct_channel(instance.addr, &pki.ca, "pricing-service.internal").await;
+    let expected_services = [
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "pricing.v1.PricingService",
+    ];
+
+    macro_rules! check_version {
+        ($version:ident) => {{
+            use tonic_reflection::pb::$version::ServerReflectionRequest;
+            use tonic_reflection::pb::$version::server_reflection_client::ServerReflectionClient;
+            use tonic_reflection::pb::$version::server_reflection_request::MessageRequest;
+            use tonic_reflection::pb::$version::server_reflection_response::MessageResponse;
+
+            let version = stringify!($version);
+            let (requests, outgoing) = mpsc::channel(4);
+            let mut answers = ServerReflectionClient::new(channel.clone())
+                .server_reflection_info(ReceiverStream::new(outgoing))
+                .await
+                .expect("reflection stream")
+                .into_inner();
+            let mut ask = async |message: MessageRequest| {
+                requests
+                    .send(ServerReflectionRequest {
+                        host: String::new(),
+                        message_request: Some(message),
+                    })
+                    .await
+                    .expect("stream open");
+                tokio::time::timeout(Duration::from_secs(5), answers.message())
+                    .await
+                    .expect("answered in time")
+                    .unwrap_or_else(|status| panic!("{version}: stream ended: {status:?}"))
+                    .and_then(|answer| answer.message_response)
+                    .unwrap_or_else(|| panic!("{version}: no answer"))
+            };
+            for unknown in [
+                MessageRequest::FileContainingSymbol("no.such.Symbol".into()),
+                MessageRequest::FileByFilename("no/such.proto".into()),
+            ] {
+                match ask(unknown).await {
+                    MessageResponse::ErrorResponse(error) => {
+                        assert_eq!(
+                            error.error_code,
+                            Code::NotFound as i32,
+                            "{version}: {error:?}"
+                        );
+                        assert!(error.error_message.contains("not found"), "{error:?}");
+                    }
+                    other => panic!("{version}: expected an ErrorResponse, got {other:?}"),
+                }
+            }
+            let MessageResponse::ListServicesResponse(list) =
+                ask(MessageRequest::ListServices(String::new())).await
+            else {
+                panic!("{version}: expected a service list after the errors");
+            };
+            let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+            names.sort();
+            assert_eq!(names, expected_services, "{version}");
+            let MessageResponse::FileDescriptorResponse(files) = ask(
+                MessageRequest::FileContainingSymbol("pricing.v1.PricingService.GetPrice".into()),
+            )
+            .await
+            else {
+                panic!("{version}: expected a file descriptor");
+            };
+            let file = String::from_utf8_lossy(&files.file_descriptor_proto[0]).to_string();
+            assert!(file.contains("pricing/v1/pricing.proto"), "{version}");
+            drop(requests);
+            assert!(
+                answers.message().await.expect("clean end").is_none(),
+                "{version}"
+            );
+        }};
+    }
+    check_version!(v1);
+    check_version!(v1alpha);
 }

@@ -178,8 +178,17 @@ impl System {
     }
 
     pub fn token(&self, sub: &str, ttl: i64) -> String {
+        self.scoped_token(sub, &[], ttl)
+    }
+
+    /// `causeway token --sub sub --scope …` for each of `scopes`.
+    pub fn scoped_token(&self, sub: &str, scopes: &[&str], ttl: i64) -> String {
         let ttl = ttl.to_string();
-        let output = self.run(&["token", "--sub", sub, "--ttl", &ttl]);
+        let mut args = vec!["token", "--sub", sub, "--ttl", &ttl];
+        for scope in scopes {
+            args.extend(["--scope", scope]);
+        }
+        let output = self.run(&args);
         assert!(output.status.success(), "{output:?}");
         String::from_utf8(output.stdout)
             .expect("utf-8 token")
@@ -245,6 +254,38 @@ impl System {
         )
         .await
         .expect("edge answers")
+    }
+
+    /// The listening address of `instance` (`user-service-1`).
+    pub fn listen_of(&self, instance: &str) -> SocketAddr {
+        self.state()
+            .components
+            .iter()
+            .find(|component| component.instance == instance)
+            .and_then(|component| component.listen)
+            .unwrap_or_else(|| panic!("{instance} has no listening address"))
+    }
+
+    /// Writes `raw` as is over a new HTTP/1.1-over-TLS connection to `addr` (verified as
+    /// `localhost` against the Causeway CA) and returns everything read until the server closes
+    /// or 5 s pass: for requests no well-behaved client library would send.
+    pub async fn raw_https(&self, addr: SocketAddr, raw: &[u8]) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let config =
+            causeway_core::tls::client_config_with_alpn(&self.data().ca_cert(), &[b"http/1.1"])
+                .expect("TLS client config");
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .unwrap_or_else(|err| panic!("connect to {addr}: {err}"));
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("server name");
+        let mut tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+            .unwrap_or_else(|err| panic!("TLS with {addr}: {err}"));
+        tls.write_all(raw).await.expect("write the request");
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut answer)).await;
+        String::from_utf8_lossy(&answer).into_owned()
     }
 
     /// Sends SIGTERM and waits for the supervisor; returns how long it took.

@@ -25,6 +25,7 @@ use tonic::Status;
 use crate::connection::Connections;
 use crate::discovery::Endpoint;
 
+use super::limit::{DEFAULT_MAX_MESSAGE_BYTES, LimitedBody};
 use super::parse_grpc_timeout;
 
 /// An instance in rotation, with the requests now in flight to it.
@@ -59,6 +60,8 @@ pub(super) struct Snapshot {
 #[derive(Clone)]
 pub struct GrpcChannel {
     inner: Arc<ChannelInner>,
+    /// The largest response message accepted, see [`with_max_decoding_message_size`](Self::with_max_decoding_message_size).
+    max_response_message: usize,
 }
 
 struct ChannelInner {
@@ -101,7 +104,18 @@ impl GrpcChannel {
                 rotation,
                 picks: AtomicU64::new(0),
             }),
+            max_response_message: DEFAULT_MAX_MESSAGE_BYTES,
         })
+    }
+
+    /// Accepts response messages of up to `limit` bytes (default 4 MiB, tonic's own default);
+    /// a larger one ends the call with `RESOURCE_EXHAUSTED`. Set limits here rather than on the
+    /// generated client: tonic reports its own decoding limit as `OUT_OF_RANGE`. Likewise, a
+    /// request over the generated client's `max_encoding_message_size` reaches the caller as
+    /// `RESOURCE_EXHAUSTED`.
+    pub fn with_max_decoding_message_size(mut self, limit: usize) -> Self {
+        self.max_response_message = limit;
+        self
     }
 
     /// A channel to one fixed instance at `addr`, verified as `server_name` (benchmarks, tools).
@@ -156,7 +170,8 @@ impl ChannelInner {
     async fn send(
         &self,
         request: http::Request<tonic::body::Body>,
-    ) -> Result<http::Response<Incoming>, Status> {
+        max_response_message: usize,
+    ) -> Result<http::Response<ResponseBody>, Status> {
         let member = self.pick().ok_or_else(|| {
             Status::unavailable(format!("no instances of {} in rotation", self.service))
         })?;
@@ -173,11 +188,26 @@ impl ChannelInner {
         parts.uri = http::Uri::from_parts(uri)
             .map_err(|err| Status::internal(format!("request URI: {err}")))?;
         parts.version = http::Version::HTTP_2;
-        let body = SyncRequestBody(SyncWrapper::new(body))
+        let encoder_failure = EncoderFailure::default();
+        let body = SyncRequestBody(SyncWrapper::new(body), encoder_failure.clone())
             .map_err(|status| Box::new(status) as Box<dyn std::error::Error + Send + Sync>)
             .boxed();
         let request = http::Request::from_parts(parts, body);
-        let exchange = self.exchange(&member.endpoint, request);
+        let exchange = async {
+            let response = self
+                .exchange(&member.endpoint, request)
+                .await
+                .map_err(|status| encoder_failure.take().unwrap_or(status))?;
+            Ok(response.map(|body| {
+                LimitedBody::new(
+                    ReportEncoderFailure {
+                        inner: body,
+                        failure: encoder_failure,
+                    },
+                    max_response_message,
+                )
+            }))
+        };
         match timeout {
             None => exchange.await,
             Some(timeout) => tokio::time::timeout(timeout, exchange)
@@ -214,7 +244,7 @@ impl ChannelInner {
 }
 
 impl tower::Service<http::Request<tonic::body::Body>> for GrpcChannel {
-    type Response = http::Response<Incoming>;
+    type Response = http::Response<ResponseBody>;
     type Error = Status;
     type Future = Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Status>> + Send>>;
 
@@ -225,7 +255,8 @@ impl tower::Service<http::Request<tonic::body::Body>> for GrpcChannel {
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
         let inner = self.inner.clone();
-        Box::pin(async move { inner.send(request).await })
+        let limit = self.max_response_message;
+        Box::pin(async move { inner.send(request, limit).await })
     }
 }
 
@@ -243,7 +274,11 @@ fn scopeguard(member: &Member) -> impl Drop + '_ {
 /// tonic's request body is `Send` but not `Sync`, which the client library's connections ask of
 /// a body; it is only ever polled through `&mut`, so [`SyncWrapper`] makes it `Sync` soundly
 /// (at the price of the size hint, which HTTP/2 does not need).
-struct SyncRequestBody(SyncWrapper<tonic::body::Body>);
+///
+/// Its only errors are the encoder's (e.g. a message over the send limit). hyper answers a
+/// failed request body by resetting the stream, which the caller would read as `INTERNAL`, so
+/// the error is kept in an [`EncoderFailure`] for the caller to get instead.
+struct SyncRequestBody(SyncWrapper<tonic::body::Body>, EncoderFailure);
 
 impl Body for SyncRequestBody {
     type Data = Bytes;
@@ -253,7 +288,64 @@ impl Body for SyncRequestBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        Pin::new(self.get_mut().0.get_mut()).poll_frame(cx)
+        let this = self.get_mut();
+        Pin::new(this.0.get_mut()).poll_frame(cx).map_err(|status| {
+            let status = super::limit::encoder_status(status);
+            this.1.keep(Status::new(status.code(), status.message()));
+            status
+        })
+    }
+}
+
+/// Where a request body's encoder error waits for the call to pick it up.
+#[derive(Clone, Default)]
+struct EncoderFailure(Arc<std::sync::Mutex<Option<Status>>>);
+
+impl EncoderFailure {
+    fn keep(&self, status: Status) {
+        if let Ok(mut slot) = self.0.lock() {
+            slot.get_or_insert(status);
+        }
+    }
+
+    fn take(&self) -> Option<Status> {
+        self.0.lock().ok()?.take()
+    }
+}
+
+/// A response body as a call on the channel reads it: messages limited in size, and the
+/// request's encoder error, if it failed after the response began, in place of the reset.
+pub type ResponseBody = LimitedBody<ReportEncoderFailure>;
+
+/// A response body that reports its request's encoder error instead of the reset it caused.
+pub struct ReportEncoderFailure {
+    inner: Incoming,
+    failure: EncoderFailure,
+}
+
+impl Body for ReportEncoderFailure {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        Pin::new(&mut this.inner)
+            .poll_frame(cx)
+            .map_err(|err| match this.failure.take() {
+                Some(status) => Box::new(status) as Self::Error,
+                None => Box::new(err),
+            })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -1,6 +1,9 @@
 use std::time::Instant;
 
+use bytes::Bytes;
+use http::{Response, StatusCode};
 use http_body_util::BodyExt;
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncReadExt;
@@ -208,7 +211,7 @@ fn request_heads_are_checked() {
                 ("content-length", "5"),
                 ("transfer-encoding", "chunked"),
             ],
-            "content_length_with_transfer_encoding",
+            "ambiguous_framing",
         ),
         (
             Version::HTTP_11,
@@ -256,7 +259,7 @@ fn request_heads_are_checked() {
         (
             Version::HTTP_11,
             &[("host", "a"), ("transfer-encoding", "gzip, chunked")],
-            "transfer_encoding_not_chunked",
+            "unsupported_transfer_encoding",
         ),
         (
             Version::HTTP_11,
@@ -265,17 +268,17 @@ fn request_heads_are_checked() {
                 ("transfer-encoding", "chunked"),
                 ("transfer-encoding", "chunked"),
             ],
-            "transfer_encoding_not_chunked",
+            "unsupported_transfer_encoding",
         ),
         (
             Version::HTTP_11,
             &[("host", "a"), ("transfer-encoding", "identity")],
-            "transfer_encoding_not_chunked",
+            "unsupported_transfer_encoding",
         ),
         (
             Version::HTTP_10,
             &[("transfer-encoding", "chunked")],
-            "transfer_encoding_http10",
+            "transfer_encoding_in_http10",
         ),
     ];
     for (version, pairs, reason) in refused {
@@ -357,9 +360,10 @@ fn connection_limiter_caps_and_frees() {
     limiter.try_acquire(peer).unwrap();
 }
 
-// ---- Raw TCP against a hyper server that uses these functions ----
+// ---- Raw TCP against Causeway's serving loop with a handler that uses these functions ----
 
-/// Which layer answered: our check puts its reason in a JSON body; hyper's own 400/431 has none.
+/// Which layer answered: the front guard and our check both answer with a JSON reason; only
+/// the handler answers `ok`.
 async fn handle(
     request: http::Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
@@ -375,18 +379,25 @@ async fn handle(
     }
 }
 
-/// A hyper HTTP/1 server with `limits` applied, on 127.0.0.1:0.
+/// `causeway_core::serve::serve_limited` with `limits`, on 127.0.0.1:0 (as the proxy serves).
 async fn server(limits: Limits) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    limits.apply_http1(&mut builder);
+    let (trigger, shutdown) = causeway_core::serve::shutdown_channel();
     tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let connection =
-                builder.serve_connection(TokioIo::new(stream), hyper::service::service_fn(handle));
-            tokio::spawn(connection);
-        }
+        // Fired when the test's runtime drops the task.
+        let _trigger = trigger;
+        let admission = ConnectionLimiter::new(limits.max_connections);
+        causeway_core::serve::serve_limited(
+            listener,
+            None,
+            |_peer| hyper::service::service_fn(handle),
+            shutdown,
+            Duration::from_secs(1),
+            Some(&limits),
+            admission,
+        )
+        .await;
     });
     addr
 }
@@ -412,55 +423,65 @@ const NORMAL: &[u8] =
     b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello";
 
 #[tokio::test]
-async fn smuggling_attempts_over_raw_tcp_get_400() {
+async fn smuggling_attempts_over_raw_tcp_get_400_with_a_reason() {
     let addr = server(Limits::default()).await;
-    // (request head and body, who refuses it: "hyper" or our reason)
+    // (request head and body, the reason its JSON answer gives)
     let attempts: &[(&str, &str)] = &[
         (
             "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
-            "hyper",
+            "conflicting_content_length",
         ),
         (
             "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\nhello",
-            "hyper",
+            "invalid_content_length",
         ),
         (
             "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\nhello",
-            "hyper",
+            "invalid_content_length",
         ),
         (
             "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0x5\r\n\r\nhello",
-            "hyper",
+            "invalid_content_length",
         ),
         (
             "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5 5\r\n\r\nhello",
-            "hyper",
+            "invalid_content_length",
         ),
         (
             "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n",
-            "hyper",
+            "unsupported_transfer_encoding",
         ),
         (
             "POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-            "hyper",
+            "transfer_encoding_in_http10",
         ),
         (
             "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
-            "transfer_encoding_not_chunked",
+            "unsupported_transfer_encoding",
         ),
         (
             "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-            "transfer_encoding_not_chunked",
+            "unsupported_transfer_encoding",
+        ),
+        (
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            "ambiguous_framing",
         ),
         (
             "GET / HTTP/1.1\r\nHost: a\r\nX-Folded: a\r\n b\r\n\r\n",
-            "hyper",
+            "malformed_request",
         ),
-        ("GET / HTTP/1.1\r\nHost: a\r\nX-Bad : a\r\n\r\n", "hyper"),
-        ("GET / HTTP/1.1\r\nHost: a\r\nX(Bad): a\r\n\r\n", "hyper"),
+        (
+            "GET / HTTP/1.1\r\nHost: a\r\nX-Bad : a\r\n\r\n",
+            "malformed_request",
+        ),
+        (
+            "GET / HTTP/1.1\r\nHost: a\r\nX(Bad): a\r\n\r\n",
+            "malformed_request",
+        ),
         (
             "GET / HTTP/1.1\r\nHost: a\r\nX-Bad: a\x00b\r\n\r\n",
-            "hyper",
+            "malformed_request",
         ),
         (
             "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
@@ -473,20 +494,13 @@ async fn smuggling_attempts_over_raw_tcp_get_400() {
             "body_unreadable",
         ),
     ];
-    for (request, refused_by) in attempts {
+    for (request, reason) in attempts {
         let answer = exchange(addr, request.as_bytes()).await;
         assert_eq!(status_of(&answer), 400, "{request:?} -> {answer:?}");
-        if *refused_by == "hyper" {
-            assert!(
-                !answer.contains("\"error\""),
-                "{request:?} reached the handler: {answer}"
-            );
-        } else {
-            assert!(
-                answer.contains(&format!("\"error\":\"{refused_by}\"")),
-                "{request:?} -> {answer}"
-            );
-        }
+        assert!(
+            answer.contains(&format!("\"error\":\"{reason}\"")),
+            "{request:?} -> {answer}"
+        );
         // The server still serves a normal request on a fresh connection.
         let answer = exchange(addr, NORMAL).await;
         assert!(
@@ -496,25 +510,28 @@ async fn smuggling_attempts_over_raw_tcp_get_400() {
     }
 }
 
-/// hyper resolves Content-Length + Transfer-Encoding itself (RFC 9112 §6.3): the length is dropped,
-/// the body read as chunked, and the connection closed after the answer, so a request hidden in
-/// the body is never served. (Our check never sees both headers here.)
+/// Content-Length with Transfer-Encoding is refused before anything reads the body (RFC 9112
+/// §6.3), in either order, so a request hidden in the body is never served.
 #[tokio::test]
-async fn content_length_with_transfer_encoding_cannot_smuggle_a_request() {
+async fn content_length_with_transfer_encoding_is_refused() {
     let addr = server(Limits::default()).await;
     let smuggled = "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n\
                     0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
     let answer = exchange(addr, smuggled.as_bytes()).await;
     assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{answer}");
+    assert_eq!(status_of(&answer), 400, "{answer}");
     assert!(
-        answer.starts_with("HTTP/1.1 200") && answer.ends_with("ok 0"),
+        answer.contains("\"error\":\"ambiguous_framing\""),
         "{answer}"
     );
-    // CL first or TE first: the same.
     let reversed = "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 40\r\n\r\n\
                     0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
     let answer = exchange(addr, reversed.as_bytes()).await;
     assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{answer}");
+    assert!(
+        answer.contains("\"error\":\"ambiguous_framing\""),
+        "{answer}"
+    );
     let answer = exchange(addr, NORMAL).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
@@ -523,13 +540,14 @@ fn small_limits() -> Limits {
     Limits {
         max_header_bytes: 8192,
         max_header_count: 20,
+        header_timeout_ms: 300,
         idle_timeout_ms: 300,
         ..Limits::default()
     }
 }
 
 #[tokio::test]
-async fn header_limits_answer_431() {
+async fn header_limits_answer_431_with_a_reason() {
     let addr = server(small_limits()).await;
     let big = format!(
         "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
@@ -537,6 +555,10 @@ async fn header_limits_answer_431() {
     );
     let answer = exchange(addr, big.as_bytes()).await;
     assert_eq!(status_of(&answer), 431, "{answer}");
+    assert!(
+        answer.contains("\"error\":\"header_too_large\""),
+        "{answer}"
+    );
 
     let mut many = String::from("GET / HTTP/1.1\r\nHost: a\r\n");
     for index in 0..25 {
@@ -545,6 +567,10 @@ async fn header_limits_answer_431() {
     many.push_str("\r\n");
     let answer = exchange(addr, many.as_bytes()).await;
     assert_eq!(status_of(&answer), 431, "{answer}");
+    assert!(
+        answer.contains("\"error\":\"too_many_headers\""),
+        "{answer}"
+    );
 
     // Just under both limits is fine.
     let mut fits = String::from("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n");
@@ -557,9 +583,9 @@ async fn header_limits_answer_431() {
 }
 
 #[tokio::test]
-async fn an_idle_connection_is_closed_after_the_idle_timeout() {
+async fn a_silent_connection_is_closed_and_a_stalled_head_gets_408() {
     let addr = server(small_limits()).await;
-    // Silent from the start.
+    // Silent from the start: closed without an answer.
     let started = Instant::now();
     let answer = exchange(addr, b"").await;
     let elapsed = started.elapsed();
@@ -567,26 +593,13 @@ async fn an_idle_connection_is_closed_after_the_idle_timeout() {
         elapsed >= Duration::from_millis(250) && elapsed < Duration::from_secs(2),
         "closed after {elapsed:?}: {answer:?}"
     );
-    // A head that starts and stalls.
+    assert_eq!(answer, "");
+    // A head that starts and stalls: answered.
     let started = Instant::now();
-    exchange(addr, b"GET / HTTP/1.1\r\nHost: a\r\n").await;
+    let answer = exchange(addr, b"GET / HTTP/1.1\r\nHost: a\r\n").await;
     assert!(started.elapsed() < Duration::from_secs(2));
-
-    // wait_for_first_byte: the guard for the auto builder's version sniffing.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let _client = TcpStream::connect(addr).await.unwrap();
-    let (stream, peer) = listener.accept().await.unwrap();
-    let refusal = wait_for_first_byte(&stream, peer, &small_limits())
-        .await
-        .unwrap_err();
-    assert_eq!(refusal.reason, "idle_timeout");
-    let mut client = TcpStream::connect(addr).await.unwrap();
-    client.write_all(b"G").await.unwrap();
-    let (stream, peer) = listener.accept().await.unwrap();
-    wait_for_first_byte(&stream, peer, &small_limits())
-        .await
-        .unwrap();
+    assert_eq!(status_of(&answer), 408, "{answer}");
+    assert!(answer.contains("\"error\":\"header_timeout\""), "{answer}");
 }
 
 #[tokio::test]

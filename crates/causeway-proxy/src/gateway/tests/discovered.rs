@@ -12,7 +12,9 @@ use causeway_core::registry_api::InstanceRecord;
 use causeway_core::serve::{ShutdownTrigger, shutdown_channel};
 use causeway_core::telemetry::Metrics;
 use causeway_core::tls::LocalCa;
-use causeway_core::topology::{ClientConfig, DiscoveryConfig, ReverseProxyConfig, RouteConfig};
+use causeway_core::topology::{
+    ClientConfig, DiscoveryConfig, ReverseProxyConfig, RouteConfig, ServerTimingPolicy,
+};
 use causeway_discovery::{DiscoveryServer, Registry};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -238,6 +240,8 @@ impl Fixture {
                 policy,
             }],
             request_timeout_ms: 3000,
+            // These tests read which instance answered from the hop's Server-Timing entry.
+            server_timing: ServerTimingPolicy::Always,
             ..ReverseProxyConfig::default()
         };
         let gateway = test_gateway(&config, client, &mut metrics);
