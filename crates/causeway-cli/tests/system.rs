@@ -1831,3 +1831,71 @@ async fn no_tier_trusts_what_a_client_claims() {
     let after = system.get(path, Some(&owner)).await;
     assert_eq!(after.status, StatusCode::OK);
 }
+
+/// The edge balancer names each client to the reverse proxies with a PROXY protocol v2 header,
+/// so their access logs (and the `X-Forwarded-For` they send on, and their rate limits by
+/// address) carry the client's address, not the balancer's; a client that reaches a reverse
+/// proxy directly cannot claim another address with a header of its own, and the proxy keeps
+/// serving it and everyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_client_address_survives_the_balancer_and_cannot_be_forged() {
+    use std::net::{IpAddr, Ipv4Addr};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let system = System::start(test_topology());
+    let token = system.token("123", 300);
+    let second_client = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+    let request = format!(
+        "GET /api/users/123/orders HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\
+         Connection: close\r\n\r\n"
+    );
+    let proxies = ["reverse-proxy-1", "reverse-proxy-2"];
+
+    let answer = system
+        .raw_https_from(second_client, system.edge(), request.as_bytes())
+        .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        log_shows(
+            &system,
+            &proxies,
+            &["\"client\":\"127.0.0.2:"],
+            LOG_PATIENCE
+        )
+        .await
+        .is_some(),
+        "no reverse proxy logged the client's own address"
+    );
+
+    // Straight to a reverse proxy from 127.0.0.2, which it does not trust to send a header.
+    let proxy = system.listen_of("reverse-proxy-1");
+    let mut forged = harness::connect_from(second_client, proxy).await;
+    let header = causeway_core::serve::proxy_protocol::header_for(
+        "198.51.100.7:4000".parse().unwrap(),
+        proxy,
+    );
+    forged.write_all(&header).await.unwrap();
+    // Closed without a byte of answer (not even a TLS alert), and said why.
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), forged.read_to_end(&mut answer)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "a forged header got {read:?}: {answer:?}"
+    );
+    assert!(
+        log_shows(
+            &system,
+            &["reverse-proxy-1"],
+            &["proxy_protocol_untrusted", "127.0.0.2:"],
+            LOG_PATIENCE
+        )
+        .await
+        .is_some(),
+        "the refusal was not logged"
+    );
+    // The same client without a header is served as itself.
+    let answer = system
+        .raw_https_from(second_client, proxy, request.as_bytes())
+        .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}

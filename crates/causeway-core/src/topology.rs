@@ -867,6 +867,45 @@ mod tests {
     }
 
     #[test]
+    fn the_balancer_names_clients_to_proxies_that_trust_it() {
+        let topology = Topology::default();
+        assert!(topology.load_balancer.send_proxy_protocol);
+        let trusted = &topology.reverse_proxy.listener_limits().proxy_protocol_from;
+        assert!(
+            trusted
+                .iter()
+                .any(|net| net.contains(&topology.load_balancer.listen.ip()))
+        );
+
+        let wider = Topology::parse(
+            "[reverse_proxy]\nproxy_protocol_from = [\"10.0.0.0/8\", \"::1/128\"]\n",
+        )
+        .unwrap();
+        wider.validate().unwrap();
+        assert_eq!(
+            wider
+                .reverse_proxy
+                .listener_limits()
+                .proxy_protocol_from
+                .len(),
+            2
+        );
+
+        // Sending to proxies that trust nobody would refuse every connection: said at load time.
+        let nobody = Topology::parse("[reverse_proxy]\nproxy_protocol_from = []\n").unwrap();
+        let err = nobody.validate().unwrap_err().to_string();
+        assert!(err.contains("proxy_protocol_from"), "{err}");
+        let off = Topology::parse(
+            "[load_balancer]\nsend_proxy_protocol = false\n[reverse_proxy]\nproxy_protocol_from = []\n",
+        )
+        .unwrap();
+        off.validate().unwrap();
+        assert!(
+            Topology::parse("[reverse_proxy]\nproxy_protocol_from = [\"10.0.0.0/33\"]\n").is_err()
+        );
+    }
+
+    #[test]
     fn service_routes_take_a_policy_with_working_defaults() {
         let topology = Topology::parse(
             "[[reverse_proxy.routes]]\nprefix = \"/a/\"\nservice = \"order-service\"\n\

@@ -2,7 +2,7 @@
 //! it (and checks that nothing it started is left running).
 
 use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -270,13 +270,25 @@ impl System {
     /// `localhost` against the Causeway CA) and returns everything read until the server closes
     /// or 5 s pass: for requests no well-behaved client library would send.
     pub async fn raw_https(&self, addr: SocketAddr, raw: &[u8]) -> String {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let config =
-            causeway_core::tls::client_config_with_alpn(&self.data().ca_cert(), &[b"http/1.1"])
-                .expect("TLS client config");
         let tcp = tokio::net::TcpStream::connect(addr)
             .await
             .unwrap_or_else(|err| panic!("connect to {addr}: {err}"));
+        self.raw_https_over(tcp, raw).await
+    }
+
+    /// [`Self::raw_https`] from another loopback address (`127.0.0.2`, say): a second client.
+    pub async fn raw_https_from(&self, source: IpAddr, addr: SocketAddr, raw: &[u8]) -> String {
+        self.raw_https_over(connect_from(source, addr).await, raw)
+            .await
+    }
+
+    /// `raw` over TLS on an open connection; the whole answer.
+    pub async fn raw_https_over(&self, tcp: tokio::net::TcpStream, raw: &[u8]) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = tcp.peer_addr().expect("peer address");
+        let config =
+            causeway_core::tls::client_config_with_alpn(&self.data().ca_cert(), &[b"http/1.1"])
+                .expect("TLS client config");
         let name = rustls::pki_types::ServerName::try_from("localhost").expect("server name");
         let mut tls = tokio_rustls::TlsConnector::from(config)
             .connect(name, tcp)
@@ -368,4 +380,16 @@ pub async fn eventually<T>(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A TCP connection to `addr` from the loopback address `source`.
+pub async fn connect_from(source: IpAddr, addr: SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::new(source, 0))
+        .unwrap_or_else(|err| panic!("bind {source}: {err}"));
+    socket
+        .connect(addr)
+        .await
+        .unwrap_or_else(|err| panic!("connect to {addr} from {source}: {err}"))
 }
