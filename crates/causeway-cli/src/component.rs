@@ -338,7 +338,36 @@ async fn start_reverse_proxy(
     let connections =
         causeway_proxy::hygiene::ConnectionLimiter::new(gateway_limits.max_connections);
     connections.register(metrics.registry_mut());
+    let rate_limit = first.rate_limit();
+    rate_limit.register(metrics.registry_mut());
+    // The budget is shared over UDP on the admin port's number, which discovery publishes.
+    let sharing = if config.rate_limit.shared && config.instances > 1 {
+        let admin_addr = admin.local_addr()?;
+        match tokio::net::UdpSocket::bind(admin_addr).await {
+            Ok(socket) => Some(socket),
+            Err(err) => {
+                tracing::warn!(%admin_addr, error = %err, "cannot bind the rate-limit port; this instance keeps a budget of its own");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let mut tasks = announce(launch, listen, admin, metrics, &shutdown).await?;
+    if let Some(socket) = sharing {
+        let peers = causeway_proxy::rate_limit::DiscoveredPeers {
+            discovery: Discovery::new(launch.dns_addr, &launch.topology.discovery.zone)?,
+            service: launch.role.name().to_string(),
+            instance: launch.instance(),
+        };
+        tasks.push(causeway_proxy::rate_limit::spawn_sharing(
+            rate_limit,
+            socket,
+            peers,
+            Duration::from_millis(config.rate_limit.sync_interval_ms),
+            shutdown.clone(),
+        ));
+    }
     tasks.extend(first.spawn_health_checkers(&shutdown));
     tracing::info!(source = first.route_source(), "routes loaded");
     let gateway = Arc::new(Reloadable::new(first));

@@ -1899,3 +1899,52 @@ async fn the_client_address_survives_the_balancer_and_cannot_be_forged() {
         .await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
+
+/// Two reverse proxies, one rate-limit budget: a client whose requests the balancer spreads over
+/// both instances gets its burst once, not once per instance (before, each instance had the whole
+/// budget of its own, so the second round here was served in full).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_reverse_proxies_share_one_rate_limit_budget() {
+    let mut topology = test_topology();
+    topology.reverse_proxy.instances = 2;
+    topology.reverse_proxy.rate_limit.requests_per_second = 1;
+    topology.reverse_proxy.rate_limit.burst = 6;
+    let system = System::start(topology);
+    let token = system.token("123", 300);
+    let path = "/api/users/123/orders";
+
+    // The burst, over both instances (one connection per request, balanced round robin).
+    for n in 0..6 {
+        let response = system.get(path, Some(&token)).await;
+        assert_eq!(
+            response.status,
+            StatusCode::OK,
+            "request {n}: {:?}",
+            response.body
+        );
+    }
+    for proxy in ["reverse-proxy-1", "reverse-proxy-2"] {
+        assert!(
+            log_shows(&system, &[proxy], &["\"status\":200"], LOG_PATIENCE)
+                .await
+                .is_some(),
+            "{proxy} served none of the burst"
+        );
+    }
+    // Time for the instances' reports (every 50 ms), then a second round: the budget is spent
+    // wherever it lands; the refill (1/s on each bucket) lets at most one more through on each.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut served = 0;
+    for _ in 0..6 {
+        let response = system.get(path, Some(&token)).await;
+        match response.status {
+            StatusCode::OK => served += 1,
+            StatusCode::TOO_MANY_REQUESTS => assert_eq!(error_code(&response), "rate_limited"),
+            other => panic!("{other}: {:?}", response.body),
+        }
+    }
+    assert!(
+        served <= 2,
+        "{served} of 6 served after the burst was spent"
+    );
+}

@@ -452,12 +452,19 @@ impl Default for JwtConfig {
     }
 }
 
-/// A token bucket per client (the token's subject, else the client address), per proxy instance.
+/// A token bucket per client (the token's subject, else the client address), one budget for all
+/// the reverse-proxy instances (see `causeway_proxy::rate_limit` for how, and its error bound).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RateLimitConfig {
     pub requests_per_second: u32,
     pub burst: u32,
+    /// Share the budget among the instances (each reports what it admitted to the others);
+    /// off: each instance has the whole budget of its own.
+    pub shared: bool,
+    /// How often the instances report to each other: the window within which a client can get
+    /// more than its budget from several instances.
+    pub sync_interval_ms: u64,
 }
 
 impl Default for RateLimitConfig {
@@ -465,6 +472,8 @@ impl Default for RateLimitConfig {
         Self {
             requests_per_second: 200,
             burst: 400,
+            shared: true,
+            sync_interval_ms: 50,
         }
     }
 }
@@ -779,7 +788,7 @@ impl Topology {
             );
         }
         let limit = &self.reverse_proxy.rate_limit;
-        if limit.requests_per_second == 0 || limit.burst == 0 {
+        if limit.requests_per_second == 0 || limit.burst == 0 || limit.sync_interval_ms == 0 {
             return invalid("reverse_proxy.rate_limit values must be positive".into());
         }
         self.reverse_proxy

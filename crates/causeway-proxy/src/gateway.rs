@@ -20,8 +20,7 @@
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
-use std::net::{IpAddr, SocketAddr};
-use std::num::NonZeroU32;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,8 +34,6 @@ use causeway_core::topology::{
     ReverseProxyConfig, RouteConfig, ServerTimingPolicy, UpstreamProtocol,
 };
 use causeway_core::trace_context::{REQUEST_ID, TRACEPARENT, TraceContext};
-use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use http::header::{self, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery};
 use http::{HeaderMap, Request, Response, StatusCode, Uri};
@@ -53,6 +50,7 @@ use tokio::task::JoinHandle;
 
 use crate::auth::{AuthError, Verifier};
 use crate::hygiene::{self, Forwarding, Limits, LimitsExt, Upgrade};
+use crate::rate_limit::{ClientKey, RateLimit};
 use crate::routing::RouteTable;
 use crate::upstream::{FailureKind, RetryDecision, UpstreamConfig, UpstreamMetrics};
 
@@ -73,7 +71,7 @@ pub struct Gateway {
     routes: Vec<Route>,
     table: RouteTable,
     verifier: Arc<Verifier>,
-    limiter: Arc<DefaultKeyedRateLimiter<ClientKey>>,
+    limiter: Arc<RateLimit>,
     /// Its discovery and connections serve the routes to services.
     client: Arc<ServiceClient>,
     metrics: HttpMetrics,
@@ -97,7 +95,7 @@ struct Carried {
     instance: String,
     limits: Limits,
     verifier: Arc<Verifier>,
-    limiter: Arc<DefaultKeyedRateLimiter<ClientKey>>,
+    limiter: Arc<RateLimit>,
     client: Arc<ServiceClient>,
     metrics: HttpMetrics,
     upstream_metrics: UpstreamMetrics,
@@ -114,13 +112,6 @@ struct Route {
     /// Its fixed addresses or its discovered service (shared by the routes to that service with
     /// the same policy), or why that could not be built: the route then answers 502.
     pool: Result<Arc<Pool>, String>,
-}
-
-/// Rate-limit key: the token's subject, else the client's address (no string built per request).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-enum ClientKey {
-    Subject(String),
-    Ip(IpAddr),
 }
 
 enum Refusal {
@@ -204,18 +195,15 @@ impl Gateway {
         client: Arc<ServiceClient>,
         metrics: HttpMetrics,
     ) -> Self {
-        let per_second =
-            NonZeroU32::new(config.rate_limit.requests_per_second).unwrap_or(NonZeroU32::MIN);
-        let burst = NonZeroU32::new(config.rate_limit.burst).unwrap_or(NonZeroU32::MIN);
+        // Shared only where there are other instances to share with.
+        let shared = config.rate_limit.shared && config.instances > 1;
         Self::build(
             table,
             Carried {
                 instance,
                 limits: config.listener_limits(),
                 verifier: Arc::new(Verifier::new(jwt_key, &config.jwt)),
-                limiter: Arc::new(RateLimiter::keyed(
-                    Quota::per_second(per_second).allow_burst(burst),
-                )),
+                limiter: Arc::new(RateLimit::new(&config.rate_limit, shared)),
                 client,
                 metrics,
                 upstream_metrics: UpstreamMetrics::default(),
@@ -444,10 +432,14 @@ impl Gateway {
         let _ = tokio::time::timeout(grace + Duration::from_secs(1), self.draining.closed()).await;
     }
 
+    /// The rate limit's state, for the task that shares its budget with the other instances.
+    pub fn rate_limit(&self) -> Arc<RateLimit> {
+        self.limiter.clone()
+    }
+
     /// Forgets rate-limit state of clients that have been quiet, so memory stays bounded.
     pub fn forget_idle_clients(&self) {
-        self.limiter.retain_recent();
-        self.limiter.shrink_to_fit();
+        self.limiter.forget_idle_clients();
     }
 
     /// What the listener serving this gateway must apply (`causeway_core::serve::serve_limited`).
@@ -687,10 +679,8 @@ impl Gateway {
             Some(principal) => ClientKey::Subject(principal.subject.clone()),
             None => ClientKey::Ip(peer.ip()),
         };
-        if let Err(not_until) = self.limiter.check_key(&client_key) {
-            return Err(Refusal::RateLimited(
-                not_until.wait_time_from(DefaultClock::default().now()),
-            ));
+        if let Err(wait) = self.limiter.check(&client_key) {
+            return Err(Refusal::RateLimited(wait));
         }
 
         // Checked after auth and rate limiting: an upgrade is a request like any other until then.

@@ -14,6 +14,7 @@ pub mod balancer;
 pub mod gateway;
 pub mod hygiene;
 pub mod ingress;
+pub mod rate_limit;
 pub mod reload;
 pub mod routing;
 pub mod upstream;
