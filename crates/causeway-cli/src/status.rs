@@ -1,4 +1,6 @@
-//! `causeway status`: every component with its pid, addresses, health and metrics address.
+//! `causeway status`: every component with its pid, addresses, health, metrics address and
+//! memory (resident set, and its proportional share: shared pages such as the one binary's code
+//! are divided among the processes mapping them, so the shares add up to what the system uses).
 
 use std::fmt::Write;
 use std::path::Path;
@@ -21,6 +23,49 @@ pub struct ComponentStatus {
     pub health: String,
     pub restarts: u32,
     pub last_exit: Option<String>,
+    pub memory: Option<Memory>,
+}
+
+/// A process's memory, from `/proc/<pid>/smaps_rollup` (Linux).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Memory {
+    /// Resident set: every page mapped and in memory, shared ones counted in full.
+    pub rss_bytes: u64,
+    /// Proportional set: shared pages divided among the processes that map them.
+    pub pss_bytes: u64,
+}
+
+impl Memory {
+    /// Reads a live process's memory; `None` where `/proc` does not tell (not Linux, gone).
+    pub fn of(pid: u32) -> Option<Self> {
+        let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+        Self::parse(&rollup)
+    }
+
+    fn parse(rollup: &str) -> Option<Self> {
+        let field = |name: &str| {
+            rollup.lines().find_map(|line| {
+                let rest = line.strip_prefix(name)?.strip_prefix(':')?;
+                let kib: u64 = rest.trim().strip_suffix("kB")?.trim().parse().ok()?;
+                Some(kib * 1024)
+            })
+        };
+        Some(Self {
+            rss_bytes: field("Rss")?,
+            pss_bytes: field("Pss")?,
+        })
+    }
+
+    fn add(self, other: Self) -> Self {
+        Self {
+            rss_bytes: self.rss_bytes + other.rss_bytes,
+            pss_bytes: self.pss_bytes + other.pss_bytes,
+        }
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
 #[derive(Debug, Serialize)]
@@ -30,6 +75,10 @@ pub struct Status {
     pub data_dir: String,
     pub edge: Option<String>,
     pub components: Vec<ComponentStatus>,
+    /// The supervisor's own memory.
+    pub supervisor_memory: Option<Memory>,
+    /// The supervisor's and every running component's, added up.
+    pub total_memory: Memory,
 }
 
 /// Probes each component's `/healthz`.
@@ -41,12 +90,20 @@ pub async fn collect(data_dir: &Path) -> anyhow::Result<Status> {
         .iter()
         .map(|component| probe(component, running));
     let components = futures_util::future::join_all(probes).await;
+    let supervisor_memory = running.then(|| Memory::of(state.supervisor_pid)).flatten();
+    let total_memory = components
+        .iter()
+        .filter_map(|component| component.memory)
+        .chain(supervisor_memory)
+        .fold(Memory::default(), Memory::add);
     Ok(Status {
         running,
         supervisor_pid: state.supervisor_pid,
         data_dir: state.data_dir.display().to_string(),
         edge: state.edge.map(|edge| edge.to_string()),
         components,
+        supervisor_memory,
+        total_memory,
     })
 }
 
@@ -71,10 +128,12 @@ async fn probe(component: &ComponentState, supervisor_alive: bool) -> ComponentS
         (Phase::Starting, false) => "starting",
         _ => "down",
     };
+    let pid = component.pid.filter(|_| alive);
     ComponentStatus {
         role: component.role.name().to_string(),
         instance: component.instance.clone(),
-        pid: component.pid.filter(|_| alive),
+        pid,
+        memory: pid.and_then(Memory::of),
         listen: component.listen.map(|a| a.to_string()),
         metrics: component.admin.map(|a| format!("http://{a}/metrics")),
         health: health.to_string(),
@@ -111,6 +170,12 @@ pub fn render(status: &Status) -> String {
             c.listen.clone().unwrap_or_else(|| "-".into()),
             c.restarts.to_string(),
             c.metrics.clone().unwrap_or_else(|| "-".into()),
+            c.memory
+                .map(|m| mib(m.rss_bytes))
+                .unwrap_or_else(|| "-".into()),
+            c.memory
+                .map(|m| mib(m.pss_bytes))
+                .unwrap_or_else(|| "-".into()),
             health,
         ]
     });
@@ -122,10 +187,22 @@ pub fn render(status: &Status) -> String {
             "ADDRESS",
             "RESTARTS",
             "METRICS",
+            "RSS",
+            "PSS",
             "HEALTH",
         ],
         rows,
     ));
+    let supervisor = status
+        .supervisor_memory
+        .map(|m| format!(" (supervisor: {} RSS)", mib(m.rss_bytes)))
+        .unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "memory: {} RSS, {} PSS in all{supervisor}",
+        mib(status.total_memory.rss_bytes),
+        mib(status.total_memory.pss_bytes)
+    );
     out
 }
 
@@ -188,6 +265,28 @@ fn table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_is_read_from_smaps_rollup() {
+        let rollup = "55d0c8a2b000-7ffd5e1f3000 ---p 00000000 00:00 0    [rollup]\n\
+                      Rss:               12345 kB\n\
+                      Pss:                6789 kB\n\
+                      Pss_Anon:           4000 kB\n";
+        assert_eq!(
+            Memory::parse(rollup),
+            Some(Memory {
+                rss_bytes: 12345 * 1024,
+                pss_bytes: 6789 * 1024
+            })
+        );
+        assert_eq!(Memory::parse("Rss: lots\n"), None);
+        // This process is alive: its own numbers are there, and its share is within its set.
+        let own = Memory::of(std::process::id()).expect("Linux /proc");
+        assert!(
+            own.rss_bytes > 0 && own.pss_bytes <= own.rss_bytes,
+            "{own:?}"
+        );
+    }
 
     #[test]
     fn table_aligns_columns_to_the_widest_cell() {

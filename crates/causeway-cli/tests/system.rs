@@ -148,7 +148,25 @@ async fn rest_request_travels_every_hop_and_comes_back() {
                 .unwrap_or_default()
                 .ends_with("/metrics")
         );
+        // Each process's memory, its proportional share within its resident set.
+        let (rss, pss) = (
+            component["memory"]["rss_bytes"].as_u64().unwrap_or(0),
+            component["memory"]["pss_bytes"].as_u64().unwrap_or(0),
+        );
+        assert!(rss > 0 && pss > 0 && pss <= rss, "{component}");
     }
+    let parts: u64 = components
+        .iter()
+        .map(|c| c["memory"]["rss_bytes"].as_u64().unwrap_or(0))
+        .sum::<u64>()
+        + status["supervisor_memory"]["rss_bytes"]
+            .as_u64()
+            .unwrap_or(0);
+    assert_eq!(
+        status["total_memory"]["rss_bytes"].as_u64(),
+        Some(parts),
+        "{status}"
+    );
 
     let token = system.token("123", 300);
     let response = system.get("/api/users/123/orders", Some(&token)).await;
