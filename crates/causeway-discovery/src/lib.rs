@@ -20,6 +20,8 @@
 
 mod api;
 mod dns;
+#[doc(hidden)]
+pub mod fuzzing;
 mod registry;
 
 use std::net::SocketAddr;
