@@ -20,7 +20,10 @@ static HANDLER: LazyLock<DnsHandler> = LazyLock::new(|| {
         ("order-service-2", "[::1]:9002", None),
         ("user-service-1", "127.0.0.2:9200", Some("127.0.0.2:9300")),
     ] {
-        let service = instance.rsplit_once('-').map(|(service, _)| service).unwrap_or(instance);
+        let service = instance
+            .rsplit_once('-')
+            .map(|(service, _)| service)
+            .unwrap_or(instance);
         registry.upsert(InstanceRecord {
             service: service.into(),
             instance: instance.into(),

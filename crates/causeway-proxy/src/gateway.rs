@@ -195,15 +195,13 @@ impl Gateway {
         client: Arc<ServiceClient>,
         metrics: HttpMetrics,
     ) -> Self {
-        // Shared only where there are other instances to share with.
-        let shared = config.rate_limit.shared && config.instances > 1;
         Self::build(
             table,
             Carried {
                 instance,
                 limits: config.listener_limits(),
                 verifier: Arc::new(Verifier::new(jwt_key, &config.jwt)),
-                limiter: Arc::new(RateLimit::new(&config.rate_limit, shared)),
+                limiter: Arc::new(RateLimit::new(&config.rate_limit)),
                 client,
                 metrics,
                 upstream_metrics: UpstreamMetrics::default(),

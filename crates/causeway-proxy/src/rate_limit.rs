@@ -21,6 +21,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -68,20 +69,23 @@ struct SharingMetrics {
 pub struct RateLimit {
     limiter: DefaultKeyedRateLimiter<ClientKey>,
     burst: u32,
-    /// What this instance admitted since its last report; `None` when the budget is not shared.
-    unsent: Option<Mutex<HashMap<ClientKey, u32>>>,
+    /// Set once [`spawn_sharing`] runs: from then on admitted requests are kept for the report.
+    shared: AtomicBool,
+    /// What this instance admitted since its last report.
+    unsent: Mutex<HashMap<ClientKey, u32>>,
     metrics: SharingMetrics,
 }
 
 impl RateLimit {
-    /// `shared`: whether other instances will be told of, and tell of, admitted requests.
-    pub fn new(config: &RateLimitConfig, shared: bool) -> Self {
+    /// A budget of this instance's own until [`spawn_sharing`] shares it.
+    pub fn new(config: &RateLimitConfig) -> Self {
         let per_second = NonZeroU32::new(config.requests_per_second).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(config.burst).unwrap_or(NonZeroU32::MIN);
         Self {
             limiter: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
             burst: burst.get(),
-            unsent: shared.then(Mutex::default),
+            shared: AtomicBool::new(false),
+            unsent: Mutex::default(),
             metrics: SharingMetrics::default(),
         }
     }
@@ -91,8 +95,9 @@ impl RateLimit {
         self.limiter
             .check_key(key)
             .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))?;
-        if let Some(unsent) = &self.unsent {
-            let mut unsent = unsent
+        if self.shared.load(Ordering::Relaxed) {
+            let mut unsent = self
+                .unsent
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
             match unsent.get_mut(key) {
@@ -117,16 +122,11 @@ impl RateLimit {
     }
 
     fn take_unsent(&self) -> HashMap<ClientKey, u32> {
-        self.unsent
-            .as_ref()
-            .map(|unsent| {
-                std::mem::take(
-                    &mut *unsent
-                        .lock()
-                        .unwrap_or_else(|poisoned| poisoned.into_inner()),
-                )
-            })
-            .unwrap_or_default()
+        let mut unsent = self
+            .unsent
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        std::mem::take(&mut *unsent)
     }
 
     /// Forgets clients that have been quiet, so memory stays bounded.
@@ -203,6 +203,7 @@ pub fn spawn_sharing(
     interval: Duration,
     mut shutdown: Shutdown,
 ) -> JoinHandle<()> {
+    limit.shared.store(true, Ordering::Relaxed);
     tokio::spawn(async move {
         let mut known: HashSet<SocketAddr> = HashSet::new();
         let mut report = tokio::time::interval(interval.max(Duration::from_millis(1)));

@@ -24,12 +24,18 @@ fn admitted(limit: &RateLimit, key: &ClientKey, tries: usize) -> usize {
     (0..tries).filter(|_| limit.check(key).is_ok()).count()
 }
 
+/// A limit whose admitted requests are kept for the report, as `spawn_sharing` makes it.
+fn shared(config: &RateLimitConfig) -> RateLimit {
+    let limit = RateLimit::new(config);
+    limit
+        .shared
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    limit
+}
+
 #[test]
 fn what_one_instance_admits_is_spent_from_the_others_buckets() {
-    let (a, b) = (
-        RateLimit::new(&config(4), true),
-        RateLimit::new(&config(4), true),
-    );
+    let (a, b) = (shared(&config(4)), shared(&config(4)));
     let key = subject("123");
     assert_eq!(admitted(&a, &key, 3), 3);
     let unsent = a.take_unsent();
@@ -49,7 +55,7 @@ fn what_one_instance_admits_is_spent_from_the_others_buckets() {
 
 #[test]
 fn an_unshared_limit_keeps_nothing_to_report() {
-    let alone = RateLimit::new(&config(4), false);
+    let alone = RateLimit::new(&config(4));
     assert_eq!(admitted(&alone, &subject("123"), 6), 4);
     assert!(alone.take_unsent().is_empty());
 }
@@ -109,8 +115,8 @@ async fn two_instances_share_one_budget_over_udp() {
         UdpSocket::bind("127.0.0.1:0").await.unwrap(),
     );
     let (addr_a, addr_b) = (sa.local_addr().unwrap(), sb.local_addr().unwrap());
-    let a = Arc::new(RateLimit::new(&config(6), true));
-    let b = Arc::new(RateLimit::new(&config(6), true));
+    let a = Arc::new(RateLimit::new(&config(6)));
+    let b = Arc::new(RateLimit::new(&config(6)));
     let (stop, shutdown) = shutdown_channel();
     let interval = Duration::from_millis(20);
     let tasks = [
