@@ -1930,6 +1930,20 @@ async fn two_reverse_proxies_share_one_rate_limit_budget() {
     let system = System::start(topology);
     let token = system.token("123", 300);
     let path = "/api/users/123/orders";
+    // Each instance has found the other (discovery lists an instance once it has registered).
+    for proxy in ["reverse-proxy-1", "reverse-proxy-2"] {
+        let found = eventually(Duration::from_secs(10), async || {
+            let metrics = system.metrics(proxy).await;
+            metrics
+                .lines()
+                .any(|line| {
+                    line.starts_with("causeway_rate_limit_shared_peers") && line.ends_with(" 1")
+                })
+                .then_some(())
+        })
+        .await;
+        assert!(found.is_some(), "{proxy} never found the other instance");
+    }
 
     // The burst, over both instances (one connection per request, balanced round robin).
     for n in 0..6 {

@@ -31,6 +31,7 @@ use causeway_core::topology::RateLimitConfig;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tokio::net::UdpSocket;
@@ -46,8 +47,10 @@ pub enum ClientKey {
 
 /// A datagram stays well under the 64 KiB UDP limit; more counts go in more datagrams.
 const MAX_DATAGRAM: usize = 32 * 1024;
-/// How often the list of the other instances is taken from discovery.
+/// How often the list of the other instances is taken from discovery; more often while it is
+/// empty, as it is at start-up until the others have registered.
 const PEER_REFRESH: Duration = Duration::from_secs(1);
+const PEER_REFRESH_ALONE: Duration = Duration::from_millis(100);
 
 /// One instance's report to the others: requests admitted per client since its last one.
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
@@ -64,6 +67,8 @@ struct SharingMetrics {
     hits_received: Counter,
     /// Datagrams dropped: from an address that is not another instance, or not a report.
     datagrams_refused: Counter,
+    /// The other instances this one reports to, as discovery last listed them.
+    peers: Gauge,
 }
 
 pub struct RateLimit {
@@ -152,6 +157,11 @@ impl RateLimit {
             "Rate-limit datagrams dropped: not from another instance, or not a report",
             metrics.datagrams_refused.clone(),
         );
+        registry.register(
+            "rate_limit_shared_peers",
+            "Other reverse-proxy instances this one shares its rate-limit budget with",
+            metrics.peers.clone(),
+        );
     }
 }
 
@@ -208,14 +218,17 @@ pub fn spawn_sharing(
         let mut known: HashSet<SocketAddr> = HashSet::new();
         let mut report = tokio::time::interval(interval.max(Duration::from_millis(1)));
         report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut refresh = tokio::time::interval(PEER_REFRESH);
+        let mut next_refresh = tokio::time::Instant::now();
         let mut buffer = vec![0u8; 64 * 1024];
         loop {
             tokio::select! {
-                _ = refresh.tick() => {
+                _ = tokio::time::sleep_until(next_refresh) => {
                     if let Some(list) = peers.list().await {
                         known = list.into_iter().collect();
+                        limit.metrics.peers.set(known.len() as i64);
                     }
+                    let wait = if known.is_empty() { PEER_REFRESH_ALONE } else { PEER_REFRESH };
+                    next_refresh = tokio::time::Instant::now() + wait;
                 }
                 _ = report.tick() => {
                     let unsent = limit.take_unsent();
