@@ -685,7 +685,6 @@ async fn services_run_on_postgresql() {
 async fn grpc_works_through_the_edge_and_behind_inventory() {
     use causeway_proto::pricing::v1::pricing_service_client::PricingServiceClient;
     use causeway_proto::pricing::v1::{BasketItem, GetPriceRequest, Offer, StreamPricesRequest};
-    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
     let system = System::start(test_topology());
     let token = system.token("123", 300);
@@ -706,17 +705,7 @@ async fn grpc_works_through_the_edge_and_behind_inventory() {
     assert_eq!(malformed.status, StatusCode::BAD_REQUEST);
     assert_eq!(error_code(&malformed), "invalid_sku");
 
-    let ca = std::fs::read(system.data().ca_cert()).unwrap();
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca))
-        .domain_name("localhost");
-    let channel = Endpoint::from_shared(format!("https://{}", system.edge()))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .expect("HTTP/2 over TLS to the edge");
+    let channel = system.edge_grpc_channel().await;
     let mut client = PricingServiceClient::new(channel);
     fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
@@ -847,24 +836,13 @@ async fn grpc_works_through_the_edge_and_behind_inventory() {
 /// answer an unknown symbol with an ErrorResponse and carry on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn grpc_health_and_reflection_work_through_the_edge() {
-    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
 
     let system = System::start(test_topology());
     let token = system.token("123", 300);
-    let ca = std::fs::read(system.data().ca_cert()).unwrap();
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca))
-        .domain_name("localhost");
-    let channel = Endpoint::from_shared(format!("https://{}", system.edge()))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .expect("HTTP/2 over TLS to the edge");
+    let channel = system.edge_grpc_channel().await;
     fn authorized<T>(message: T, token: &str) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
         let value = format!("Bearer {token}").parse().expect("ASCII token");
@@ -1790,18 +1768,7 @@ async fn no_tier_trusts_what_a_client_claims() {
     {
         use causeway_proto::pricing::v1::GetPriceRequest;
         use causeway_proto::pricing::v1::pricing_service_client::PricingServiceClient;
-        use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
-        let ca = std::fs::read(system.data().ca_cert()).unwrap();
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(ca))
-            .domain_name("localhost");
-        let channel = Endpoint::from_shared(format!("https://{}", system.edge()))
-            .unwrap()
-            .tls_config(tls)
-            .unwrap()
-            .connect()
-            .await
-            .expect("HTTP/2 over TLS to the edge");
+        let channel = system.edge_grpc_channel().await;
         let mut request = tonic::Request::new(GetPriceRequest {
             sku: "SKU-0001".into(),
         });

@@ -280,6 +280,22 @@ impl System {
         self.raw_https_over(tcp, raw).await
     }
 
+    /// An HTTP/2 channel over TLS to the edge (gRPC through the load balancer and a proxy).
+    pub async fn edge_grpc_channel(&self) -> tonic::transport::Channel {
+        use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+        let ca = std::fs::read(self.data().ca_cert()).expect("the CA certificate");
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca))
+            .domain_name("localhost");
+        Endpoint::from_shared(format!("https://{}", self.edge()))
+            .expect("an endpoint")
+            .tls_config(tls)
+            .expect("TLS settings")
+            .connect()
+            .await
+            .expect("HTTP/2 over TLS to the edge")
+    }
+
     /// [`Self::raw_https`] from another loopback address (`127.0.0.2`, say): a second client.
     pub async fn raw_https_from(&self, source: IpAddr, addr: SocketAddr, raw: &[u8]) -> String {
         self.raw_https_over(connect_from(source, addr).await, raw)
