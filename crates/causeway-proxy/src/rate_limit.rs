@@ -230,7 +230,8 @@ pub fn spawn_sharing(
                     let wait = if known.is_empty() { PEER_REFRESH_ALONE } else { PEER_REFRESH };
                     next_refresh = tokio::time::Instant::now() + wait;
                 }
-                _ = report.tick() => {
+                // Until discovery lists another instance the counts are kept, not sent to nobody.
+                _ = report.tick(), if !known.is_empty() => {
                     let unsent = limit.take_unsent();
                     if unsent.is_empty() {
                         continue;

@@ -144,6 +144,15 @@ async fn two_instances_share_one_budget_over_udp() {
     .unwrap();
     outsider.send_to(&forged, addr_b).await.unwrap();
 
+    // Both have listed the other (a report before that would find nobody to go to).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while (a.metrics.peers.get(), b.metrics.peers.get()) != (1, 1) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the peers never listed each other"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let key = subject("123");
     assert_eq!(admitted(&a, &key, 5), 5);
     // b hears of a's five and keeps the one left (the refill at 1/s adds at most one meanwhile).
