@@ -32,7 +32,11 @@ fn ms(duration: Duration) -> f64 {
 }
 
 /// A TLS channel to `addr`, verifying it as `server_name` against the CA.
-async fn connect(addr: SocketAddr, server_name: &str, ca_pem: &str) -> anyhow::Result<Channel> {
+pub(crate) async fn connect(
+    addr: SocketAddr,
+    server_name: &str,
+    ca_pem: &str,
+) -> anyhow::Result<Channel> {
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca_pem))
         .domain_name(server_name);

@@ -15,14 +15,13 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use bytes::Bytes;
 use causeway_core::Topology;
 use causeway_core::server_timing::{self, TimingEntry, steps};
 use causeway_core::trace_context::TraceContext;
 use causeway_queue::{BackendKind, QueueBackend, headers};
 use causeway_services::email::{EmailRecord, EmailSent};
 use causeway_services::notification::{FailedDelivery, Notification};
-use http::{HeaderMap, HeaderValue, Method, header};
+use http::{HeaderMap, Method};
 
 use crate::demo::{DEMO_USER, DemoAccess};
 
@@ -55,28 +54,14 @@ impl Edge {
         if let Some(trace) = trace {
             trace.inject(&mut headers);
         }
-        headers.insert(
-            header::AUTHORIZATION,
-            HeaderValue::from_str(&format!("Bearer {}", self.token))?,
-        );
-        let body = match body {
-            Some(body) => {
-                headers.insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                );
-                Bytes::from(serde_json::to_vec(&body)?)
-            }
-            None => Bytes::new(),
-        };
-        let response = crate::edge::request(
+        let response = crate::edge::api_request(
             self.addr,
-            "localhost",
             &self.ca,
+            &self.token,
             method,
             path,
+            body.as_ref(),
             headers,
-            body,
         )
         .await?;
         if !response.status.is_success() {

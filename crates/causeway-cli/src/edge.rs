@@ -101,3 +101,30 @@ pub async fn request(
         },
     })
 }
+
+/// [`request`] to the API behind the edge as the holder of `token`, with `body` (if any) sent as
+/// JSON; `headers` are sent too (a trace context, say).
+pub async fn api_request(
+    edge: SocketAddr,
+    ca_path: &Path,
+    token: &str,
+    method: Method,
+    path: &str,
+    body: Option<&serde_json::Value>,
+    mut headers: HeaderMap,
+) -> anyhow::Result<EdgeResponse> {
+    let bearer = http::HeaderValue::from_str(&format!("Bearer {token}"))
+        .context("the token is not a valid header value")?;
+    headers.insert(header::AUTHORIZATION, bearer);
+    let body = match body {
+        Some(body) => {
+            headers.insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            Bytes::from(serde_json::to_vec(body)?)
+        }
+        None => Bytes::new(),
+    };
+    request(edge, "localhost", ca_path, method, path, headers, body).await
+}

@@ -12,6 +12,7 @@ pub mod demo_queue;
 pub mod edge;
 pub mod loadgen;
 pub mod queue;
+pub mod soak;
 pub mod state;
 pub mod status;
 pub mod supervisor;

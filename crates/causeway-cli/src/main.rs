@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use causeway_cli::{
-    bench, bench_proxy, bench_queue, component, demo, demo_grpc, demo_queue, queue, status,
+    bench, bench_proxy, bench_queue, component, demo, demo_grpc, demo_queue, queue, soak, status,
     supervisor,
 };
 use causeway_core::{DataDir, Topology};
@@ -71,6 +71,25 @@ enum Command {
         /// Warm-up seconds per workload.
         #[arg(long, global = true, default_value_t = 1)]
         warmup: u64,
+    },
+    /// Every technique at once at a steady rate, with components killed in turn, then an
+    /// end-to-end account: calls made and failed, messages lost or duplicated, memory per process.
+    Soak {
+        /// How long the load runs (fractions allowed: `--minutes 0.5`).
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+        /// Calls per second of each technique (REST, gRPC, emails).
+        #[arg(long, default_value_t = 10)]
+        rate: u32,
+        /// Seconds between two kills; 0: no chaos.
+        #[arg(long, default_value_t = 5.0)]
+        chaos_every: f64,
+        /// Seconds to wait, once the load stops, for messages still on their way.
+        #[arg(long, default_value_t = 60)]
+        settle: u64,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Look into the queue scenario's broker: depths, messages, dead letters, redrive.
     Queue {
@@ -287,6 +306,43 @@ fn run(command: Command, mut topology: Topology) -> anyhow::Result<ExitCode> {
             })?;
             print!("{report}");
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Soak {
+            minutes,
+            rate,
+            chaos_every,
+            settle,
+            json,
+        } => {
+            if !(minutes.is_finite() && minutes > 0.0) {
+                anyhow::bail!("--minutes must be a positive number, not {minutes}");
+            }
+            if !(chaos_every.is_finite() && chaos_every >= 0.0) {
+                anyhow::bail!("--chaos-every must be 0 or more seconds, not {chaos_every}");
+            }
+            let options = soak::SoakOptions {
+                duration: std::time::Duration::from_secs_f64(minutes * 60.0),
+                rate: rate.max(1),
+                chaos_every: (chaos_every > 0.0)
+                    .then(|| std::time::Duration::from_secs_f64(chaos_every)),
+                settle: std::time::Duration::from_secs(settle),
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            let report = runtime.block_on(soak::run(&topology, &options))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", soak::render(&report));
+            }
+            Ok(if report.problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Bench {
             target: BenchTarget::Queue { amqp, mqtt },

@@ -1947,3 +1947,73 @@ async fn two_reverse_proxies_share_one_rate_limit_budget() {
         "{served} of 6 served after the burst was spent"
     );
 }
+
+/// `causeway soak` with chaos: every technique runs while each of the chaos victims (order and
+/// pricing instances, a reverse proxy, the consumer, the publisher and the broker) is killed,
+/// and the end-to-end account must show no message lost, none duplicated, every failing one
+/// dead-lettered, and most calls answered. A consumer that stored a redelivery twice, an outbox
+/// that lost a message while the broker was down, or a settle count read from the wrong place
+/// would each show here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_soak_with_chaos_loses_and_duplicates_nothing() {
+    let topology = test_topology();
+    let victims = causeway_cli::soak::chaos_victims(&topology);
+    let system = System::start(topology);
+    let output = system.run(&[
+        "soak",
+        "--minutes",
+        "0.34",
+        "--rate",
+        "8",
+        "--chaos-every",
+        "2",
+        "--settle",
+        "30",
+        "--json",
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("the soak's JSON");
+    let messages = &report["messages"];
+    assert_eq!(messages["lost"], 0, "{report:#}");
+    assert_eq!(messages["duplicated"], 0, "{report:#}");
+    assert_eq!(messages["wrongly_stored"], 0, "{report:#}");
+    let published = messages["published"].as_u64().expect("published");
+    let consumed = messages["consumed"].as_u64().expect("consumed");
+    let dead_lettered = messages["dead_lettered"].as_u64().expect("dead_lettered");
+    assert!(published >= 50, "{report:#}");
+    assert_eq!(consumed + dead_lettered, published, "{report:#}");
+    assert!(dead_lettered > 0, "{report:#}");
+
+    let killed: BTreeSet<&str> = report["chaos"]
+        .as_array()
+        .expect("chaos events")
+        .iter()
+        .filter_map(|event| event["instance"].as_str())
+        .collect();
+    for victim in &victims {
+        assert!(
+            killed.contains(victim.as_str()),
+            "{victim} was not killed: {report:#}"
+        );
+    }
+    for technique in ["rest", "grpc"] {
+        let made = report[technique]["made"].as_u64().expect("made");
+        let succeeded = report[technique]["succeeded"].as_u64().expect("succeeded");
+        assert!(made >= 100, "{technique}: {report:#}");
+        assert!(succeeded * 10 >= made * 9, "{technique}: {report:#}");
+    }
+    // Every component's memory is reported, and those chaos spared lived through the run.
+    let memory = report["memory"].as_array().expect("memory");
+    assert_eq!(memory.len(), system.state().components.len(), "{report:#}");
+    let spared = memory
+        .iter()
+        .find(|process| process["instance"] == "order-service-1")
+        .expect("order-service-1");
+    assert_eq!(spared["restarts"], 0, "{report:#}");
+    assert!(spared["growth"].is_number(), "{report:#}");
+}
