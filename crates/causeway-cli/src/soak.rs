@@ -694,7 +694,7 @@ pub fn render(report: &SoakReport) -> String {
             .sum();
         Some(Memory {
             rss_bytes: sum,
-            pss_bytes: 0,
+            ..Memory::default()
         })
     };
     for process in &report.memory {
@@ -757,7 +757,7 @@ mod tests {
         let memory = |mib: u64| {
             Some(Memory {
                 rss_bytes: mib << 20,
-                pss_bytes: 0,
+                ..Memory::default()
             })
         };
         let snapshot = |entries: &[(&str, u32, u32, u64)]| -> Snapshot {

@@ -1,6 +1,11 @@
 //! `causeway status`: every component with its pid, addresses, health, metrics address and
 //! memory (resident set, and its proportional share: shared pages such as the one binary's code
 //! are divided among the processes mapping them, so the shares add up to what the system uses).
+//!
+//! The total the memory target is judged by is the PSS sum. Every component is the same
+//! executable, so each one's RSS includes the same ~16 MiB of code and libraries; adding RSS up
+//! counts those pages once per process and says more about the number of processes than about
+//! memory in use. Both are printed, with the private part (pages no other process shares).
 
 use std::fmt::Write;
 use std::path::Path;
@@ -33,6 +38,8 @@ pub struct Memory {
     pub rss_bytes: u64,
     /// Proportional set: shared pages divided among the processes that map them.
     pub pss_bytes: u64,
+    /// Pages this process alone maps (its heap, stacks and written data): what stopping it frees.
+    pub private_bytes: u64,
 }
 
 impl Memory {
@@ -53,6 +60,7 @@ impl Memory {
         Some(Self {
             rss_bytes: field("Rss")?,
             pss_bytes: field("Pss")?,
+            private_bytes: field("Private_Clean")? + field("Private_Dirty")?,
         })
     }
 
@@ -60,6 +68,7 @@ impl Memory {
         Self {
             rss_bytes: self.rss_bytes + other.rss_bytes,
             pss_bytes: self.pss_bytes + other.pss_bytes,
+            private_bytes: self.private_bytes + other.private_bytes,
         }
     }
 }
@@ -197,11 +206,14 @@ pub fn render(status: &Status) -> String {
         .supervisor_memory
         .map(|m| format!(" (supervisor: {} RSS)", mib(m.rss_bytes)))
         .unwrap_or_default();
+    let total = status.total_memory;
     let _ = writeln!(
         out,
-        "memory: {} RSS, {} PSS in all{supervisor}",
-        mib(status.total_memory.rss_bytes),
-        mib(status.total_memory.pss_bytes)
+        "memory in use: {} PSS in all, {} of it private to one process{supervisor}\n\
+         (RSS added up: {}, which counts the shared code of the one binary once per process)",
+        mib(total.pss_bytes),
+        mib(total.private_bytes),
+        mib(total.rss_bytes),
     );
     out
 }
@@ -271,19 +283,25 @@ mod tests {
         let rollup = "55d0c8a2b000-7ffd5e1f3000 ---p 00000000 00:00 0    [rollup]\n\
                       Rss:               12345 kB\n\
                       Pss:                6789 kB\n\
-                      Pss_Anon:           4000 kB\n";
+                      Pss_Anon:           4000 kB\n\
+                      Shared_Clean:       5000 kB\n\
+                      Private_Clean:        12 kB\n\
+                      Private_Dirty:      1440 kB\n";
         assert_eq!(
             Memory::parse(rollup),
             Some(Memory {
                 rss_bytes: 12345 * 1024,
-                pss_bytes: 6789 * 1024
+                pss_bytes: 6789 * 1024,
+                private_bytes: (12 + 1440) * 1024,
             })
         );
         assert_eq!(Memory::parse("Rss: lots\n"), None);
         // This process is alive: its own numbers are there, and its share is within its set.
         let own = Memory::of(std::process::id()).expect("Linux /proc");
         assert!(
-            own.rss_bytes > 0 && own.pss_bytes <= own.rss_bytes,
+            own.rss_bytes > 0
+                && own.pss_bytes <= own.rss_bytes
+                && own.private_bytes <= own.pss_bytes,
             "{own:?}"
         );
     }
