@@ -131,6 +131,43 @@ impl LocalCa {
     }
 }
 
+impl LocalCa {
+    /// Issues an intermediate CA under this root (it may sign leaves, not further CAs) and writes
+    /// it as `<file_stem>.pem` and `<file_stem>-key.pem`, unless a valid pair is already there:
+    /// the mesh's certificate authority, whose workload certificates then chain to `ca.pem`.
+    pub fn issue_intermediate(
+        &self,
+        file_stem: &str,
+        common_name: &str,
+    ) -> Result<CertPaths, TlsError> {
+        let paths = CertPaths {
+            cert: self.dir.join(format!("{file_stem}.pem")),
+            key: self.dir.join(format!("{file_stem}-key.pem")),
+        };
+        if paths.cert.exists() && paths.key.exists() {
+            return Ok(paths);
+        }
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "Causeway");
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        write_private(&paths.key, &key.serialize_pem())?;
+        fs::write(&paths.cert, cert.pem()).map_err(io_err("write", &paths.cert))?;
+        Ok(paths)
+    }
+}
+
 fn ca_params() -> CertificateParams {
     let mut params = CertificateParams::default();
     let mut name = DistinguishedName::new();
