@@ -2,13 +2,16 @@
 //! certificate authority, an intermediate under the local root CA that signs SPIFFE certificates
 //! (`spiffe://<trust-domain>/ns/<namespace>/sa/<service>` as the one URI SAN) from the sidecars'
 //! CSRs, and the bootstrap tokens with which a sidecar proves which workload it is before it has
-//! a certificate. Sidecars themselves are a role of `causeway-proxy`'s engine; this crate gives
+//! a certificate; and the mesh policy file (Gateway API `HTTPRoute` timeouts and retries, Istio-style
+//! `AuthorizationPolicy`, default deny) with the decisions it makes. Sidecars themselves are a role of `causeway-proxy`'s engine; this crate gives
 //! them the types they verify peers with ([`SpiffeId::from_certificate`]).
 
 pub mod authority;
 pub mod bootstrap;
+pub mod policy;
 pub mod spiffe;
 
 pub use authority::{AuthorityError, Issued, MeshAuthority};
 pub use bootstrap::{Bootstrap, BootstrapKey, TokenError, TokenVerifier};
+pub use policy::{Decision, MeshPolicy, PolicyError, RouteRule, RuleRef};
 pub use spiffe::{SpiffeError, SpiffeId};
