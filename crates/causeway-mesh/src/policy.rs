@@ -51,6 +51,33 @@ impl std::fmt::Display for RuleRef {
     }
 }
 
+/// The document being read, for its errors and the rules it makes.
+struct DocumentContext<'a> {
+    file: &'a str,
+    /// The line of its `kind`.
+    line: usize,
+    name: String,
+    namespace: String,
+}
+
+impl DocumentContext<'_> {
+    fn invalid(&self, line: usize, message: String) -> PolicyError {
+        PolicyError::Invalid {
+            file: self.file.to_string(),
+            line,
+            message,
+        }
+    }
+
+    fn rule(&self, line: usize) -> RuleRef {
+        RuleRef {
+            file: self.file.to_string(),
+            line,
+            policy: format!("{}/{}", self.namespace, self.name),
+        }
+    }
+}
+
 /// What the outbound side applies to a call matched by a route rule.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RouteRule {
@@ -201,184 +228,24 @@ impl MeshPolicy {
             })?;
         let mut policy = Self::default();
         for document in documents {
-            let line = document.kind.referenced.line() as usize;
-            let invalid = |line: usize, message: String| PolicyError::Invalid {
-                file: file.to_string(),
-                line,
-                message,
-            };
-            let name = document.metadata.name.clone();
-            let namespace = document
-                .metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".to_string());
-            let rule = |line: usize| RuleRef {
-                file: file.to_string(),
-                line,
-                policy: format!("{}/{name}", namespace),
+            let cx = DocumentContext {
+                file,
+                line: document.kind.referenced.line() as usize,
+                name: document.metadata.name.clone(),
+                namespace: document
+                    .metadata
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| "default".to_string()),
             };
             match (document.api_version.as_str(), document.kind.value.as_str()) {
-                (ROUTE_API, "HTTPRoute") => {
-                    let spec: RouteSpec = document
-                        .spec
-                        .ok_or_else(|| invalid(line, "HTTPRoute without spec".into()))?;
-                    let service = spec
-                        .parent_refs
-                        .iter()
-                        .find(|parent| parent.kind.as_deref() == Some("Service"))
-                        .map(|parent| parent.name.clone())
-                        .ok_or_else(|| {
-                            invalid(
-                                line,
-                                format!(
-                                    "HTTPRoute {name} names no parentRefs of kind Service (a mesh route attaches to the Service it governs)"
-                                ),
-                            )
-                        })?;
-                    for route in spec.rules {
-                        let at = route.line();
-                        let parse_duration = |text: &Option<String>| {
-                            text.as_deref()
-                                .map(|text| {
-                                    parse_gateway_duration(text).ok_or_else(|| {
-                                        invalid(
-                                            at,
-                                            format!(
-                                                "{text:?} is not a Gateway API duration such as 500ms, 2s or 1m30s"
-                                            ),
-                                        )
-                                    })
-                                })
-                                .transpose()
-                        };
-                        let timeouts = route.value.timeouts.clone().unwrap_or_default();
-                        let retry = route.value.retry.clone().unwrap_or_default();
-                        let backoff = parse_duration(&retry.backoff)?;
-                        let request_timeout = parse_duration(&timeouts.request)?;
-                        let attempt_timeout = parse_duration(&timeouts.backend_request)?;
-                        if let (Some(request), Some(attempt)) = (request_timeout, attempt_timeout)
-                            && attempt > request
-                        {
-                            return Err(invalid(
-                                at,
-                                "timeouts.backendRequest is longer than timeouts.request".into(),
-                            ));
-                        }
-                        if retry.codes.iter().any(|code| !(500..600).contains(code)) {
-                            return Err(invalid(
-                                at,
-                                "retry.codes may name 5xx statuses only".into(),
-                            ));
-                        }
-                        let paths = if route.value.matches.is_empty() {
-                            vec![PathMatch::Prefix("/".into())]
-                        } else {
-                            route
-                                .value
-                                .matches
-                                .iter()
-                                .map(|matched| {
-                                    let path = matched.path.clone().unwrap_or_default();
-                                    let value = path.value.unwrap_or_else(|| "/".into());
-                                    if !value.starts_with('/') {
-                                        return Err(invalid(
-                                            at,
-                                            format!("path {value:?} does not start with /"),
-                                        ));
-                                    }
-                                    match path.kind.as_deref().unwrap_or("PathPrefix") {
-                                        "PathPrefix" => Ok(PathMatch::Prefix(value)),
-                                        "Exact" => Ok(PathMatch::Exact(value)),
-                                        other => Err(invalid(
-                                            at,
-                                            format!(
-                                                "path match type {other:?} is not supported (PathPrefix or Exact)"
-                                            ),
-                                        )),
-                                    }
-                                })
-                                .collect::<Result<_, _>>()?
-                        };
-                        for path in paths {
-                            policy
-                                .routes
-                                .entry(service.clone())
-                                .or_default()
-                                .push(RouteRule {
-                                    path,
-                                    request_timeout,
-                                    attempt_timeout,
-                                    retries: retry.attempts.unwrap_or(0),
-                                    retry_backoff: backoff.unwrap_or(Duration::from_millis(25)),
-                                    retry_codes: retry.codes.clone(),
-                                    rule: rule(at),
-                                });
-                        }
-                    }
-                }
+                (ROUTE_API, "HTTPRoute") => policy.add_route(&cx, document.spec)?,
                 (AUTHZ_API, "AuthorizationPolicy") => {
-                    let spec: AuthzSpec = document
-                        .spec
-                        .ok_or_else(|| invalid(line, "AuthorizationPolicy without spec".into()))?;
-                    let service = spec
-                        .selector
-                        .and_then(|selector| selector.match_labels.get("app").cloned())
-                        .ok_or_else(|| {
-                            invalid(
-                                line,
-                                format!(
-                                    "AuthorizationPolicy {name} has no selector.matchLabels.app naming the service it guards"
-                                ),
-                            )
-                        })?;
-                    let deny = match spec.action.as_deref().unwrap_or("ALLOW") {
-                        "ALLOW" => false,
-                        "DENY" => true,
-                        other => {
-                            return Err(invalid(
-                                line,
-                                format!("action {other:?} is not supported (ALLOW or DENY)"),
-                            ));
-                        }
-                    };
-                    for authz in spec.rules {
-                        let at = authz.line();
-                        let mut principals = Vec::new();
-                        for principal in authz
-                            .value
-                            .from
-                            .iter()
-                            .flat_map(|from| from.source.principals.iter())
-                        {
-                            principals.push(
-                                parse_principal(principal, trust_domain)
-                                    .map_err(|message| invalid(at, message))?,
-                            );
-                        }
-                        let operations = authz.value.to.iter().map(|to| &to.operation);
-                        let mut methods = Vec::new();
-                        let mut paths = Vec::new();
-                        for operation in operations {
-                            methods.extend(operation.methods.iter().cloned());
-                            paths.extend(operation.paths.iter().map(|p| PathPattern::parse(p)));
-                        }
-                        policy
-                            .authorization
-                            .entry(service.clone())
-                            .or_default()
-                            .push(AuthzRule {
-                                deny,
-                                principals,
-                                methods,
-                                paths,
-                                rule: rule(at),
-                            });
-                    }
+                    policy.add_authorization(&cx, document.spec, trust_domain)?
                 }
                 (api, kind) => {
-                    return Err(invalid(
-                        line,
+                    return Err(cx.invalid(
+                        cx.line,
                         format!(
                             "{api} {kind} is not a mesh policy document (HTTPRoute of {ROUTE_API}, AuthorizationPolicy of {AUTHZ_API})"
                         ),
@@ -387,6 +254,166 @@ impl MeshPolicy {
             }
         }
         Ok(policy)
+    }
+
+    fn add_route(&mut self, cx: &DocumentContext, spec: Option<Spec>) -> Result<(), PolicyError> {
+        let spec = spec.ok_or_else(|| cx.invalid(cx.line, "HTTPRoute without spec".into()))?;
+        let service = spec
+            .parent_refs
+            .iter()
+            .find(|parent| parent.kind.as_deref() == Some("Service"))
+            .map(|parent| parent.name.clone())
+            .ok_or_else(|| {
+                cx.invalid(
+                    cx.line,
+                    format!(
+                        "HTTPRoute {} names no parentRefs of kind Service (a mesh route attaches to the Service it governs)",
+                        cx.name
+                    ),
+                )
+            })?;
+        for route in spec.rules {
+            let at = route.line();
+            let parse_duration = |text: &Option<String>| {
+                text.as_deref()
+                    .map(|text| {
+                        parse_gateway_duration(text).ok_or_else(|| {
+                            cx.invalid(
+                                at,
+                                format!(
+                                    "{text:?} is not a Gateway API duration such as 500ms, 2s or 1m30s"
+                                ),
+                            )
+                        })
+                    })
+                    .transpose()
+            };
+            let timeouts = route.value.timeouts.clone().unwrap_or_default();
+            let retry = route.value.retry.clone().unwrap_or_default();
+            let backoff = parse_duration(&retry.backoff)?;
+            let request_timeout = parse_duration(&timeouts.request)?;
+            let attempt_timeout = parse_duration(&timeouts.backend_request)?;
+            if let (Some(request), Some(attempt)) = (request_timeout, attempt_timeout)
+                && attempt > request
+            {
+                return Err(cx.invalid(
+                    at,
+                    "timeouts.backendRequest is longer than timeouts.request".into(),
+                ));
+            }
+            if retry.codes.iter().any(|code| !(500..600).contains(code)) {
+                return Err(cx.invalid(at, "retry.codes may name 5xx statuses only".into()));
+            }
+            let paths = if route.value.matches.is_empty() {
+                vec![PathMatch::Prefix("/".into())]
+            } else {
+                route
+                    .value
+                    .matches
+                    .iter()
+                    .map(|matched| {
+                        let path = matched.path.clone().unwrap_or_default();
+                        let value = path.value.unwrap_or_else(|| "/".into());
+                        if !value.starts_with('/') {
+                            return Err(cx.invalid(
+                                at,
+                                format!("path {value:?} does not start with /"),
+                            ));
+                        }
+                        match path.kind.as_deref().unwrap_or("PathPrefix") {
+                            "PathPrefix" => Ok(PathMatch::Prefix(value)),
+                            "Exact" => Ok(PathMatch::Exact(value)),
+                            other => Err(cx.invalid(
+                                at,
+                                format!(
+                                    "path match type {other:?} is not supported (PathPrefix or Exact)"
+                                ),
+                            )),
+                        }
+                    })
+                    .collect::<Result<_, _>>()?
+            };
+            for path in paths {
+                self.routes
+                    .entry(service.clone())
+                    .or_default()
+                    .push(RouteRule {
+                        path,
+                        request_timeout,
+                        attempt_timeout,
+                        retries: retry.attempts.unwrap_or(0),
+                        retry_backoff: backoff.unwrap_or(Duration::from_millis(25)),
+                        retry_codes: retry.codes.clone(),
+                        rule: cx.rule(at),
+                    });
+            }
+        }
+        Ok(())
+    }
+
+    fn add_authorization(
+        &mut self,
+        cx: &DocumentContext,
+        spec: Option<Spec>,
+        trust_domain: &str,
+    ) -> Result<(), PolicyError> {
+        let spec =
+            spec.ok_or_else(|| cx.invalid(cx.line, "AuthorizationPolicy without spec".into()))?;
+        let service = spec
+            .selector
+            .and_then(|selector| selector.match_labels.get("app").cloned())
+            .ok_or_else(|| {
+                cx.invalid(
+                    cx.line,
+                    format!(
+                        "AuthorizationPolicy {} has no selector.matchLabels.app naming the service it guards",
+                        cx.name
+                    ),
+                )
+            })?;
+        let deny = match spec.action.as_deref().unwrap_or("ALLOW") {
+            "ALLOW" => false,
+            "DENY" => true,
+            other => {
+                return Err(cx.invalid(
+                    cx.line,
+                    format!("action {other:?} is not supported (ALLOW or DENY)"),
+                ));
+            }
+        };
+        for authz in spec.rules {
+            let at = authz.line();
+            let mut principals = Vec::new();
+            for principal in authz
+                .value
+                .from
+                .iter()
+                .flat_map(|from| from.source.principals.iter())
+            {
+                principals.push(
+                    parse_principal(principal, trust_domain)
+                        .map_err(|message| cx.invalid(at, message))?,
+                );
+            }
+            let operations = authz.value.to.iter().map(|to| &to.operation);
+            let mut methods = Vec::new();
+            let mut paths = Vec::new();
+            for operation in operations {
+                methods.extend(operation.methods.iter().cloned());
+                paths.extend(operation.paths.iter().map(|p| PathPattern::parse(p)));
+            }
+            self.authorization
+                .entry(service.clone())
+                .or_default()
+                .push(AuthzRule {
+                    deny,
+                    principals,
+                    methods,
+                    paths,
+                    rule: cx.rule(at),
+                });
+        }
+        Ok(())
     }
 
     /// The route rule for a call to `service`: the longest matching path wins, as in the
@@ -500,9 +527,6 @@ struct Spec {
     selector: Option<Selector>,
     action: Option<String>,
 }
-
-type RouteSpec = Spec;
-type AuthzSpec = Spec;
 
 trait LineOf {
     fn line(&self) -> usize;
