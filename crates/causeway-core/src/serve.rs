@@ -15,6 +15,7 @@ use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use rustls::pki_types::CertificateDer;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
@@ -204,7 +205,7 @@ pub async fn serve_limited<M, S, A>(
     serve_with(
         listener,
         tls,
-        make_service,
+        move |peer: &Peer| make_service(peer.addr),
         shutdown,
         drain,
         connections,
@@ -246,6 +247,30 @@ pub async fn serve_http2<M, S>(
     M: Fn(SocketAddr) -> S + Send + Sync + 'static,
     S: ConnectionService,
 {
+    serve_http2_with_peer(
+        listener,
+        tls,
+        move |peer: &Peer| make_service(peer.addr),
+        shutdown,
+        drain,
+        keep_alive,
+    )
+    .await
+}
+
+/// [`serve_http2`] for a service that needs to know who connected: it is built after the TLS
+/// handshake, from the [`Peer`] with the client's certificate chain (mutual TLS).
+pub async fn serve_http2_with_peer<M, S>(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    make_service: M,
+    shutdown: Shutdown,
+    drain: Duration,
+    keep_alive: KeepAlive,
+) where
+    M: Fn(&Peer) -> S + Send + Sync + 'static,
+    S: ConnectionService,
+{
     let mut builder = auto::Builder::new(TokioExecutor::new()).http2_only();
     builder
         .http2()
@@ -262,6 +287,25 @@ pub async fn serve_http2<M, S>(
         Unlimited,
     )
     .await
+}
+
+/// Who is on the other end of a connection, as the listener knows it before the first request.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    /// The client's address (from the PROXY protocol header where the listener reads one).
+    pub addr: SocketAddr,
+    /// The chain the client presented in the TLS handshake, leaf first, already verified by the
+    /// acceptor's client verifier; empty where no client certificate was asked for or given.
+    pub certificates: Vec<CertificateDer<'static>>,
+}
+
+impl Peer {
+    fn plain(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            certificates: Vec::new(),
+        }
+    }
 }
 
 /// How a serving function's connections are served.
@@ -297,7 +341,7 @@ async fn serve_with<M, S, A>(
     connections: Connections,
     admission: A,
 ) where
-    M: Fn(SocketAddr) -> S + Send + Sync + 'static,
+    M: Fn(&Peer) -> S + Send + Sync + 'static,
     S: ConnectionService,
     A: Admission,
 {
@@ -346,7 +390,6 @@ async fn serve_with<M, S, A>(
                     }
                 }
             };
-            let service = make_service(peer);
             let result = match (tls, guard) {
                 (Some(acceptor), guard) => {
                     let tls_stream = match tokio::time::timeout(
@@ -365,6 +408,16 @@ async fn serve_with<M, S, A>(
                             return;
                         }
                     };
+                    let certificates = tls_stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .map(|chain| chain.iter().map(|cert| cert.clone().into_owned()).collect())
+                        .unwrap_or_default();
+                    let service = make_service(&Peer {
+                        addr: peer,
+                        certificates,
+                    });
                     match guard {
                         Some(settings) => {
                             let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
@@ -387,6 +440,7 @@ async fn serve_with<M, S, A>(
                     }
                 }
                 (None, Some(settings)) => {
+                    let service = make_service(&Peer::plain(peer));
                     let io = Http1Guard::new(stream, peer, settings);
                     let connection = builder
                         .serve_connection_with_upgrades(TokioIo::new(io), service)
@@ -394,6 +448,7 @@ async fn serve_with<M, S, A>(
                     watcher.watch(connection).await
                 }
                 (None, None) => {
+                    let service = make_service(&Peer::plain(peer));
                     let connection = builder
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
                         .into_owned();
