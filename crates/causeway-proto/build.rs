@@ -7,7 +7,11 @@ use std::path::PathBuf;
 
 use protox::prost::Message;
 
-const PROTOS: &[&str] = &["pricing/v1/pricing.proto", "broker/v1/broker.proto"];
+const PROTOS: &[&str] = &[
+    "pricing/v1/pricing.proto",
+    "broker/v1/broker.proto",
+    "mesh/v1/mesh.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);

@@ -225,6 +225,43 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
         })
 }
 
+/// Whether a mutual-TLS listener lets in a client that presents no certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientAuth {
+    Required,
+    /// The handshake succeeds without one; a certificate that is presented must still verify.
+    Optional,
+}
+
+/// A server configuration that asks clients for a certificate chaining to `ca_path`, with the
+/// given ALPN protocols.
+pub fn mutual_server_config(
+    paths: &CertPaths,
+    ca_path: &Path,
+    client_auth: ClientAuth,
+    alpn: &[&[u8]],
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in load_certs(ca_path)? {
+        roots.add(cert)?;
+    }
+    let builder =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+    let builder = match client_auth {
+        ClientAuth::Required => builder,
+        ClientAuth::Optional => builder.allow_unauthenticated(),
+    };
+    let verifier = builder
+        .build()
+        .map_err(|err| TlsError::Config(rustls::Error::General(err.to_string())))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(load_certs(&paths.cert)?, load_key(&paths.key)?)?;
+    config.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
 /// A server configuration offering HTTP/2 and HTTP/1.1 through ALPN.
 pub fn server_config(paths: &CertPaths) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let mut config = rustls::ServerConfig::builder_with_provider(provider())

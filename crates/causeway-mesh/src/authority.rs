@@ -72,6 +72,11 @@ impl MeshAuthority {
         })
     }
 
+    /// The issuer's own certificate (PEM), the second certificate of every chain it signs.
+    pub fn issuer_pem(&self) -> &str {
+        &self.issuer_pem
+    }
+
     /// Signs the CSR's key as `identity` for `lifetime`.
     pub fn certify(
         &self,

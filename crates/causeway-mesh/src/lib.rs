@@ -8,7 +8,9 @@
 
 pub mod authority;
 pub mod bootstrap;
+pub mod client;
 pub mod policy;
+pub mod server;
 pub mod spiffe;
 
 pub use authority::{AuthorityError, Issued, MeshAuthority};

@@ -1,7 +1,7 @@
 //! The Protocol Buffers contracts of Causeway's gRPC services, as Rust: messages (prost), a client
-//! and a server trait (tonic) for `pricing.v1.PricingService` and the embedded broker's
-//! `causeway.broker.v1.Broker`, and each package's encoded file descriptor set for server
-//! reflection. The `.proto` files live in `proto/` at the workspace root, so that clients in other
+//! and a server trait (tonic) for `pricing.v1.PricingService`, the embedded broker's
+//! `causeway.broker.v1.Broker` and the mesh control plane's `causeway.mesh.v1.MeshControl`, and
+//! each package's encoded file descriptor set for server reflection. The `.proto` files live in `proto/` at the workspace root, so that clients in other
 //! languages generate their stubs from the same source; `build.rs` compiles them with protox (a
 //! protobuf compiler in Rust) because a fresh machine has no `protoc`.
 
@@ -16,6 +16,13 @@ pub mod pricing {
 pub mod broker {
     pub mod v1 {
         tonic::include_proto!("causeway.broker.v1");
+    }
+}
+
+/// `package causeway.mesh.v1;` from `proto/mesh/v1/mesh.proto`: the mesh control plane.
+pub mod mesh {
+    pub mod v1 {
+        tonic::include_proto!("causeway.mesh.v1");
     }
 }
 

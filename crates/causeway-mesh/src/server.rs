@@ -1,0 +1,332 @@
+//! The control plane's gRPC server (`causeway.mesh.v1.MeshControl`), over TLS that asks for a
+//! client certificate without requiring one: a sidecar's first call has only its bootstrap
+//! token, later ones present the mesh certificate they renew.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use causeway_core::serve::{KeepAlive, Peer, serve_http2_with_peer, shutdown_channel};
+use causeway_core::tls::{CertPaths, ClientAuth};
+use causeway_proto::mesh::v1 as pb;
+use hyper_util::service::TowerToHyperService;
+use pb::mesh_control_server::{MeshControl, MeshControlServer};
+use rustls::pki_types::CertificateDer;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tonic::service::Routes;
+use tonic::{Request, Response, Status};
+
+use crate::authority::MeshAuthority;
+use crate::bootstrap::TokenVerifier;
+use crate::spiffe::SpiffeId;
+
+const DRAIN: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot build the control plane's TLS configuration: {0}")]
+    Tls(#[from] causeway_core::tls::TlsError),
+    #[error("cannot read the mesh issuer certificate: {0}")]
+    Issuer(String),
+}
+
+/// What the control plane issues with.
+pub struct ControlPlane {
+    pub authority: MeshAuthority,
+    pub tokens: TokenVerifier,
+    /// The roots sidecars trust (PEM).
+    pub trust_anchors_pem: String,
+    pub trust_domain: String,
+    pub default_lifetime: Duration,
+}
+
+/// Serves the control plane on `listener` until `shutdown` resolves. `certs` is the control
+/// plane's own server certificate; clients are verified against the root in `ca_path`.
+pub async fn serve(
+    control_plane: ControlPlane,
+    listener: TcpListener,
+    certs: &CertPaths,
+    ca_path: &std::path::Path,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let tls = TlsAcceptor::from(causeway_core::tls::mutual_server_config(
+        certs,
+        ca_path,
+        ClientAuth::Optional,
+        &[b"h2"],
+    )?);
+    let issuer_der = rustls_pemfile::certs(&mut control_plane.authority.issuer_pem().as_bytes())
+        .next()
+        .and_then(Result::ok)
+        .ok_or_else(|| ServerError::Issuer("no certificate in the issuer PEM".into()))?;
+    let shared = Arc::new(Shared {
+        control_plane,
+        issuer_der,
+    });
+    let (stop, stopped) = shutdown_channel();
+    let signal = async move {
+        shutdown.await;
+        stop.fire();
+    };
+    let addr = listener.local_addr().ok();
+    tracing::info!(event = "mesh.control_plane.listening", addr = ?addr, "mesh control plane listening (TLS, HTTP/2)");
+    let server = serve_http2_with_peer(
+        listener,
+        Some(tls),
+        move |peer: &Peer| {
+            let service = Service {
+                shared: shared.clone(),
+                caller: shared.mesh_identity(peer),
+                peer: peer.addr,
+            };
+            TowerToHyperService::new(Routes::new(MeshControlServer::new(service)).prepare())
+        },
+        stopped,
+        DRAIN,
+        KeepAlive::default(),
+    );
+    tokio::join!(signal, server);
+    Ok(())
+}
+
+struct Shared {
+    control_plane: ControlPlane,
+    issuer_der: CertificateDer<'static>,
+}
+
+impl Shared {
+    /// The mesh identity a connection's verified client certificate carries: only a certificate
+    /// the mesh issuer signed counts (the root also signs the services' plain TLS certificates).
+    fn mesh_identity(&self, peer: &Peer) -> Option<SpiffeId> {
+        match peer.certificates.as_slice() {
+            [leaf, issuer, ..] if *issuer == self.issuer_der => {
+                SpiffeId::from_certificate(leaf).ok()
+            }
+            _ => None,
+        }
+    }
+}
+
+struct Service {
+    shared: Arc<Shared>,
+    /// The identity of the mesh certificate this connection was opened with, if any.
+    caller: Option<SpiffeId>,
+    peer: std::net::SocketAddr,
+}
+
+impl Service {
+    fn refuse(&self, status: Status) -> Status {
+        tracing::warn!(
+            event = "mesh.certify_refused",
+            peer = %self.peer,
+            code = ?status.code(),
+            reason = status.message(),
+            "certificate request refused"
+        );
+        status
+    }
+}
+
+#[tonic::async_trait]
+impl MeshControl for Service {
+    async fn certify(
+        &self,
+        request: Request<pb::CertifyRequest>,
+    ) -> Result<Response<pb::CertifyResponse>, Status> {
+        let request = request.into_inner();
+        let control_plane = &self.shared.control_plane;
+        let (identity, instance, how) = match &self.caller {
+            Some(identity) => (identity.clone(), String::new(), "renewal"),
+            None if request.bootstrap_token.is_empty() => {
+                return Err(self.refuse(Status::unauthenticated(
+                    "no bootstrap token and no mesh certificate: a first certificate needs the token `causeway up` gave this sidecar",
+                )));
+            }
+            None => {
+                let bootstrap = control_plane
+                    .tokens
+                    .verify(&request.bootstrap_token)
+                    .map_err(|err| self.refuse(Status::unauthenticated(err.to_string())))?;
+                (bootstrap.identity, bootstrap.instance, "bootstrap token")
+            }
+        };
+        if identity.trust_domain() != control_plane.trust_domain {
+            return Err(self.refuse(Status::permission_denied(format!(
+                "{identity} is not in this mesh's trust domain {}",
+                control_plane.trust_domain
+            ))));
+        }
+        let lifetime = match request.lifetime_seconds {
+            0 => control_plane.default_lifetime,
+            seconds => Duration::from_secs(seconds),
+        };
+        let issued = control_plane
+            .authority
+            .certify(&request.csr_der, &identity, lifetime)
+            .map_err(|err| self.refuse(Status::invalid_argument(err.to_string())))?;
+        let not_after = issued
+            .not_after
+            .duration_since(UNIX_EPOCH)
+            .map(|elapsed| elapsed.as_secs())
+            .unwrap_or_default();
+        tracing::info!(
+            event = "mesh.certified",
+            spiffe_id = %identity,
+            instance,
+            serial = issued.serial,
+            lifetime_s = lifetime.as_secs(),
+            how,
+            peer = %self.peer,
+            "workload certificate issued"
+        );
+        Ok(Response::new(pb::CertifyResponse {
+            chain_pem: issued.chain_pem,
+            spiffe_id: identity.to_string(),
+            serial: issued.serial,
+            not_after_unix_seconds: not_after,
+            trust_anchors_pem: control_plane.trust_anchors_pem.clone(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use causeway_core::tls::LocalCa;
+
+    use super::*;
+    use crate::bootstrap::BootstrapKey;
+    use crate::client::{ClientError, ControlPlaneTarget, Proof, WorkloadKey, certify};
+
+    const SERVER_NAME: &str = "mesh-control-plane.internal";
+
+    fn refused_with(
+        result: Result<pb::CertifyResponse, ClientError>,
+        code: tonic::Code,
+        text: &str,
+    ) {
+        match result {
+            Err(ClientError::Refused(status)) => {
+                assert_eq!(status.code(), code, "{status:?}");
+                assert!(
+                    status.message().contains(text),
+                    "{status:?} should say {text:?}"
+                );
+            }
+            other => panic!("expected a refusal saying {text:?}, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn sidecars_get_certificates_by_token_once_and_renew_with_their_certificate() {
+        let dir = std::env::temp_dir().join(format!("causeway-mesh-server-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let root = LocalCa::load_or_create(&dir).expect("root");
+        let server_certs = root
+            .issue("mesh-control-plane", &[SERVER_NAME.to_string()])
+            .expect("server cert");
+        let plain_certs = root
+            .issue("order-service", &["order-service.internal".to_string()])
+            .expect("a service's plain TLS cert");
+        let ca_pem = std::fs::read_to_string(root.ca_cert_path()).expect("ca");
+        let key = BootstrapKey::generate();
+        let control_plane = ControlPlane {
+            authority: MeshAuthority::load_or_create(&dir).expect("authority"),
+            tokens: TokenVerifier::new(&key, None),
+            trust_anchors_pem: ca_pem.clone(),
+            trust_domain: "causeway.local".into(),
+            default_lifetime: Duration::from_secs(3600),
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let target = ControlPlaneTarget {
+            addr: listener.local_addr().expect("addr"),
+            server_name: SERVER_NAME.into(),
+            ca_pem: ca_pem.clone(),
+            timeout: Duration::from_secs(5),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let ca_path = root.ca_cert_path();
+        let server = tokio::spawn(async move {
+            serve(control_plane, listener, &server_certs, &ca_path, async {
+                let _ = stopped.await;
+            })
+            .await
+        });
+
+        let payment = SpiffeId::new("causeway.local", "default", "payment-service").expect("id");
+        let token = key.mint(&payment, "payment-service-1", Duration::from_secs(60));
+        let workload = WorkloadKey::generate().expect("key");
+        let first = certify(&target, &workload, Proof::BootstrapToken(&token), None)
+            .await
+            .expect("first certificate");
+        assert_eq!(first.spiffe_id, payment.to_string());
+        assert_eq!(first.trust_anchors_pem, ca_pem);
+        let first_leaf = rustls_pemfile::certs(&mut first.chain_pem.as_bytes())
+            .next()
+            .expect("leaf")
+            .expect("pem");
+        assert_eq!(SpiffeId::from_certificate(&first_leaf), Ok(payment.clone()));
+
+        // The same token again (another process replaying it), a forged one, and none at all.
+        let thief = WorkloadKey::generate().expect("key");
+        refused_with(
+            certify(&target, &thief, Proof::BootstrapToken(&token), None).await,
+            tonic::Code::Unauthenticated,
+            "used before",
+        );
+        let forged = BootstrapKey::generate().mint(&payment, "x", Duration::from_secs(60));
+        refused_with(
+            certify(&target, &thief, Proof::BootstrapToken(&forged), None).await,
+            tonic::Code::Unauthenticated,
+            "signature",
+        );
+        refused_with(
+            certify(&target, &thief, Proof::BootstrapToken(""), None).await,
+            tonic::Code::Unauthenticated,
+            "no bootstrap token",
+        );
+        // A certificate the root signed that is not a mesh identity proves nothing.
+        let plain_chain = std::fs::read_to_string(&plain_certs.cert).expect("cert");
+        let plain_key = std::fs::read_to_string(&plain_certs.key).expect("key");
+        refused_with(
+            certify(
+                &target,
+                &thief,
+                Proof::Certificate {
+                    chain_pem: &plain_chain,
+                    key_pem: &plain_key,
+                },
+                None,
+            )
+            .await,
+            tonic::Code::Unauthenticated,
+            "no bootstrap token",
+        );
+
+        // Renewal: a new key, proved by the current certificate, no token; a new serial.
+        let renewed_key = WorkloadKey::generate().expect("key");
+        let renewed = certify(
+            &target,
+            &renewed_key,
+            Proof::Certificate {
+                chain_pem: &first.chain_pem,
+                key_pem: &workload.private_key_pem(),
+            },
+            Some(Duration::from_secs(5)),
+        )
+        .await
+        .expect("renewal");
+        assert_eq!(renewed.spiffe_id, payment.to_string());
+        assert_ne!(renewed.serial, first.serial);
+        let now = std::time::SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        assert!(renewed.not_after_unix_seconds <= now + 6, "{renewed:?}");
+        assert!(first.not_after_unix_seconds >= now + 3500, "{first:?}");
+
+        let _ = stop.send(());
+        server.await.expect("joined").expect("served");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
