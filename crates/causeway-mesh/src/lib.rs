@@ -4,7 +4,8 @@
 //! CSRs, and the bootstrap tokens with which a sidecar proves which workload it is before it has
 //! a certificate; and the mesh policy file (Gateway API `HTTPRoute` timeouts and retries, Istio-style
 //! `AuthorizationPolicy`, default deny) with the decisions it makes. Sidecars themselves are a role of `causeway-proxy`'s engine; this crate gives
-//! them the types they verify peers with ([`SpiffeId::from_certificate`]).
+//! them what they verify peers with: [`tls`] (mutual TLS by SPIFFE ID, identities rotated in
+//! place) and [`client`] (a key made locally, a CSR, the `Certify` call).
 
 pub mod authority;
 pub mod bootstrap;
@@ -12,6 +13,7 @@ pub mod client;
 pub mod policy;
 pub mod server;
 pub mod spiffe;
+pub mod tls;
 
 pub use authority::{AuthorityError, Issued, MeshAuthority};
 pub use bootstrap::{Bootstrap, BootstrapKey, TokenError, TokenVerifier};
