@@ -103,3 +103,146 @@ pub async fn certify(
         .await?;
     Ok(response.into_inner())
 }
+
+/// A sidecar's identity kept fresh: the first certificate by bootstrap token, then renewals
+/// (a new key each time, proved by the current certificate) when two thirds of its lifetime
+/// have passed, retried with backoff while the control plane is unreachable. Static stability:
+/// while renewal fails, the current certificate keeps serving until it expires.
+pub struct IdentityAgent {
+    pub identity: std::sync::Arc<crate::tls::RotatingIdentity>,
+    current: tokio::sync::watch::Receiver<pb::CertifyResponse>,
+}
+
+impl IdentityAgent {
+    /// Obtains the first certificate (failing if the token is refused: a sidecar without an
+    /// identity must not start) and starts renewing in the background until `shutdown`.
+    pub async fn start(
+        target: ControlPlaneTarget,
+        token: &str,
+        lifetime: Option<Duration>,
+        mut shutdown: causeway_core::serve::Shutdown,
+    ) -> Result<Self, AgentError> {
+        let key = WorkloadKey::generate()?;
+        let first = certify(&target, &key, Proof::BootstrapToken(token), lifetime).await?;
+        let identity = crate::tls::RotatingIdentity::new(&first.chain_pem, &key.private_key_pem())?;
+        let (publish, current) = tokio::sync::watch::channel(first);
+        let rotating = identity.clone();
+        tokio::spawn(async move {
+            let mut key_pem = key.private_key_pem();
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                let (chain_pem, not_after) = {
+                    let now = publish.borrow();
+                    (now.chain_pem.clone(), now.not_after_unix_seconds)
+                };
+                let wait = renewal_delay(not_after, lifetime);
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.wait() => return,
+                }
+                let next_key = match WorkloadKey::generate() {
+                    Ok(key) => key,
+                    Err(err) => {
+                        tracing::error!(error = %err, "cannot make a key for renewal");
+                        continue;
+                    }
+                };
+                let proof = Proof::Certificate {
+                    chain_pem: &chain_pem,
+                    key_pem: &key_pem,
+                };
+                match certify(&target, &next_key, proof, lifetime).await {
+                    Ok(renewed) => match rotating
+                        .rotate(&renewed.chain_pem, &next_key.private_key_pem())
+                    {
+                        Ok(()) => {
+                            tracing::info!(
+                                event = "mesh.identity_rotated",
+                                spiffe_id = renewed.spiffe_id,
+                                serial = renewed.serial,
+                                "workload certificate renewed"
+                            );
+                            key_pem = next_key.private_key_pem();
+                            backoff = Duration::from_millis(100);
+                            let _ = publish.send(renewed);
+                        }
+                        Err(err) => tracing::error!(error = %err, "renewed certificate unusable"),
+                    },
+                    Err(err) => {
+                        tracing::warn!(
+                            event = "mesh.renewal_failed",
+                            error = %err,
+                            retry_in_ms = backoff.as_millis() as u64,
+                            "certificate renewal failed; the current certificate keeps serving"
+                        );
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = shutdown.wait() => return,
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                    }
+                }
+            }
+        });
+        Ok(Self { identity, current })
+    }
+
+    /// The certificate now presented (serial, expiry, SPIFFE ID).
+    pub fn current(&self) -> pb::CertifyResponse {
+        self.current.borrow().clone()
+    }
+
+    /// Resolves when a renewal has been swapped in.
+    pub async fn rotated(&mut self) -> bool {
+        self.current.changed().await.is_ok()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Certify(#[from] ClientError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::MeshTlsError),
+}
+
+impl From<rcgen::Error> for AgentError {
+    fn from(err: rcgen::Error) -> Self {
+        Self::Certify(ClientError::Key(err))
+    }
+}
+
+/// When to renew a certificate that expires at `not_after` (Unix seconds): at two thirds of the
+/// lifetime, counted from now when the lifetime is not known.
+fn renewal_delay(not_after: u64, lifetime: Option<Duration>) -> Duration {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_secs_f64())
+        .unwrap_or_default();
+    let left = (not_after as f64 - now).max(0.0);
+    let lifetime = lifetime
+        .map(|l| l.as_secs_f64())
+        .unwrap_or(left)
+        .min(left.max(0.0));
+    // Renew once a third of the lifetime is left, leaving time to retry before expiry.
+    Duration::from_secs_f64((left - lifetime / 3.0).max(0.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_comes_at_two_thirds_of_the_lifetime() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        let delay = renewal_delay(now + 30, Some(Duration::from_secs(30)));
+        assert!(
+            delay >= Duration::from_secs(18) && delay <= Duration::from_secs(21),
+            "{delay:?}"
+        );
+        assert_eq!(renewal_delay(now - 5, None), Duration::ZERO);
+    }
+}

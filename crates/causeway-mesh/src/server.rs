@@ -196,7 +196,9 @@ mod tests {
 
     use super::*;
     use crate::bootstrap::BootstrapKey;
-    use crate::client::{ClientError, ControlPlaneTarget, Proof, WorkloadKey, certify};
+    use crate::client::{
+        AgentError, ClientError, ControlPlaneTarget, IdentityAgent, Proof, WorkloadKey, certify,
+    };
 
     const SERVER_NAME: &str = "mesh-control-plane.internal";
 
@@ -217,42 +219,89 @@ mod tests {
         }
     }
 
+    struct RunningControlPlane {
+        dir: std::path::PathBuf,
+        root: LocalCa,
+        ca_pem: String,
+        key: BootstrapKey,
+        target: ControlPlaneTarget,
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        server: Option<tokio::task::JoinHandle<Result<(), ServerError>>>,
+    }
+
+    impl RunningControlPlane {
+        async fn start(name: &str, default_lifetime: Duration) -> Self {
+            let dir = std::env::temp_dir().join(format!(
+                "causeway-mesh-server-{name}-{}",
+                std::process::id()
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
+            let root = LocalCa::load_or_create(&dir).expect("root");
+            let server_certs = root
+                .issue("mesh-control-plane", &[SERVER_NAME.to_string()])
+                .expect("server cert");
+            let ca_pem = std::fs::read_to_string(root.ca_cert_path()).expect("ca");
+            let key = BootstrapKey::generate();
+            let control_plane = ControlPlane {
+                authority: MeshAuthority::load_or_create(&dir).expect("authority"),
+                tokens: TokenVerifier::new(&key, None),
+                trust_anchors_pem: ca_pem.clone(),
+                trust_domain: "causeway.local".into(),
+                default_lifetime,
+            };
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let target = ControlPlaneTarget {
+                addr: listener.local_addr().expect("addr"),
+                server_name: SERVER_NAME.into(),
+                ca_pem: ca_pem.clone(),
+                timeout: Duration::from_secs(5),
+            };
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let ca_path = root.ca_cert_path();
+            let server = tokio::spawn(async move {
+                serve(control_plane, listener, &server_certs, &ca_path, async {
+                    let _ = stopped.await;
+                })
+                .await
+            });
+            Self {
+                dir,
+                root,
+                ca_pem,
+                key,
+                target,
+                stop: Some(stop),
+                server: Some(server),
+            }
+        }
+
+        async fn stop(&mut self) {
+            if let Some(stop) = self.stop.take() {
+                let _ = stop.send(());
+            }
+            if let Some(server) = self.server.take() {
+                server.await.expect("joined").expect("served");
+            }
+        }
+    }
+
+    impl Drop for RunningControlPlane {
+        fn drop(&mut self) {
+            if let Some(server) = &self.server {
+                server.abort();
+            }
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
     #[tokio::test]
     async fn sidecars_get_certificates_by_token_once_and_renew_with_their_certificate() {
-        let dir = std::env::temp_dir().join(format!("causeway-mesh-server-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let root = LocalCa::load_or_create(&dir).expect("root");
-        let server_certs = root
-            .issue("mesh-control-plane", &[SERVER_NAME.to_string()])
-            .expect("server cert");
-        let plain_certs = root
+        let mut running = RunningControlPlane::start("certify", Duration::from_secs(3600)).await;
+        let (target, key, ca_pem) = (running.target.clone(), &running.key, running.ca_pem.clone());
+        let plain_certs = running
+            .root
             .issue("order-service", &["order-service.internal".to_string()])
             .expect("a service's plain TLS cert");
-        let ca_pem = std::fs::read_to_string(root.ca_cert_path()).expect("ca");
-        let key = BootstrapKey::generate();
-        let control_plane = ControlPlane {
-            authority: MeshAuthority::load_or_create(&dir).expect("authority"),
-            tokens: TokenVerifier::new(&key, None),
-            trust_anchors_pem: ca_pem.clone(),
-            trust_domain: "causeway.local".into(),
-            default_lifetime: Duration::from_secs(3600),
-        };
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let target = ControlPlaneTarget {
-            addr: listener.local_addr().expect("addr"),
-            server_name: SERVER_NAME.into(),
-            ca_pem: ca_pem.clone(),
-            timeout: Duration::from_secs(5),
-        };
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let ca_path = root.ca_cert_path();
-        let server = tokio::spawn(async move {
-            serve(control_plane, listener, &server_certs, &ca_path, async {
-                let _ = stopped.await;
-            })
-            .await
-        });
-
         let payment = SpiffeId::new("causeway.local", "default", "payment-service").expect("id");
         let token = key.mint(&payment, "payment-service-1", Duration::from_secs(60));
         let workload = WorkloadKey::generate().expect("key");
@@ -325,8 +374,47 @@ mod tests {
         assert!(renewed.not_after_unix_seconds <= now + 6, "{renewed:?}");
         assert!(first.not_after_unix_seconds >= now + 3500, "{first:?}");
 
-        let _ = stop.send(());
-        server.await.expect("joined").expect("served");
-        let _ = std::fs::remove_dir_all(&dir);
+        running.stop().await;
+    }
+
+    #[tokio::test]
+    async fn an_identity_agent_renews_before_expiry_and_keeps_serving_while_the_control_plane_is_down()
+     {
+        let mut running = RunningControlPlane::start("agent", Duration::from_secs(3)).await;
+        let payment = SpiffeId::new("causeway.local", "default", "payment-service").expect("id");
+        let token = running
+            .key
+            .mint(&payment, "payment-service-1", Duration::from_secs(60));
+        let (_trigger, shutdown) = shutdown_channel();
+        let mut agent =
+            IdentityAgent::start(running.target.clone(), &token, None, shutdown.clone())
+                .await
+                .expect("first certificate");
+        let first = agent.current();
+        let mut serials = vec![first.serial.clone()];
+        for _ in 0..2 {
+            tokio::time::timeout(Duration::from_secs(10), agent.rotated())
+                .await
+                .expect("renewed within the lifetime");
+            let now = agent.current();
+            assert_eq!(now.spiffe_id, payment.to_string());
+            assert!(
+                !serials.contains(&now.serial),
+                "a renewal reuses {}",
+                now.serial
+            );
+            serials.push(now.serial);
+        }
+        // The token was spent by the first certificate: a second agent with it gets nothing.
+        assert!(matches!(
+            IdentityAgent::start(running.target.clone(), &token, None, shutdown).await,
+            Err(AgentError::Certify(ClientError::Refused(_)))
+        ));
+        // With the control plane gone, renewal fails and the current certificate stays.
+        running.stop().await;
+        let before = agent.current().serial;
+        let outcome = tokio::time::timeout(Duration::from_secs(3), agent.rotated()).await;
+        assert!(outcome.is_err(), "rotated without a control plane");
+        assert_eq!(agent.current().serial, before);
     }
 }
