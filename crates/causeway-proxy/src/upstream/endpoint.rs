@@ -211,6 +211,11 @@ impl Endpoint {
         lock(&self.ewma).observe(rtt, now);
     }
 
+    /// Whether the endpoint is back from an ejection and waiting for its probe to succeed.
+    pub fn is_half_open(&self) -> bool {
+        lock(&self.outlier).is_half_open()
+    }
+
     /// Whether outlier detection has this endpoint ejected at `now` (without returning it).
     pub fn is_ejected(&self, now: Instant) -> bool {
         lock(&self.outlier).is_ejected(now)
@@ -238,16 +243,25 @@ pub struct PickGuard {
     endpoint: Arc<Endpoint>,
     upstream: Upstream,
     started: Instant,
+    /// This request is the half-open endpoint's probe (see the outlier module).
+    probe: bool,
 }
 
 impl PickGuard {
     pub(crate) fn new(endpoint: Arc<Endpoint>, upstream: Upstream, started: Instant) -> Self {
         endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
+        let probe = lock(&endpoint.outlier).take_probe();
         Self {
             endpoint,
             upstream,
             started,
+            probe,
         }
+    }
+
+    /// Whether this request probes an endpoint back from an ejection.
+    pub fn is_probe(&self) -> bool {
+        self.probe
     }
 
     pub fn endpoint(&self) -> &Arc<Endpoint> {
@@ -268,16 +282,20 @@ impl PickGuard {
     }
 
     /// Records the outcome as of `now` (tests and callers with their own clock).
-    pub fn record_at(self, outcome: Outcome, now: Instant) {
+    pub fn record_at(mut self, outcome: Outcome, now: Instant) {
         let latency = now.saturating_duration_since(self.started);
         self.upstream.observe(&self.endpoint, outcome, latency, now);
-        // Drop decrements in-flight.
+        // The outcome settled the probe; drop decrements in-flight.
+        self.probe = false;
     }
 }
 
 impl Drop for PickGuard {
     fn drop(&mut self) {
         self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self.probe {
+            lock(&self.endpoint.outlier).release_probe();
+        }
     }
 }
 

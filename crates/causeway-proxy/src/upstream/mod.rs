@@ -59,6 +59,7 @@ pub use balance::{
 };
 pub use endpoint::{Endpoint, EndpointSpec, Outcome, PeakEwma, PickGuard};
 pub use health::{HealthCheckConfig, check_endpoint, check_round, spawn_health_checker};
+use outlier::Verdict;
 pub use outlier::{EjectReason, OutlierConfig};
 pub use retry::{
     FailureKind, NoRetry, RetryBudget, RetryBudgetConfig, RetryCounters, RetryDecision,
@@ -458,10 +459,11 @@ impl Upstream {
                 upstream = endpoint.upstream(),
                 endpoint = endpoint.id(),
                 addr = %endpoint.addr(),
+                circuit = "half_open",
             );
             return true;
         }
-        !outlier.is_ejected(now)
+        outlier.admits(now)
     }
 
     /// Learns from one finished request (called by [`PickGuard::record_at`]).
@@ -481,9 +483,17 @@ impl Upstream {
         };
         endpoint.observe_latency(latency, now);
         let config = &self.inner.config.outlier;
-        let reason = lock(&endpoint.outlier).count(outcome, config, now);
-        if let Some(reason) = reason {
-            self.try_eject(endpoint, reason, now);
+        let verdict = lock(&endpoint.outlier).count(outcome, config, now);
+        match verdict {
+            Some(Verdict::Eject(reason)) => self.try_eject(endpoint, reason, now),
+            Some(Verdict::Closed) => tracing::info!(
+                event = "upstream.closed",
+                upstream = endpoint.upstream(),
+                endpoint = endpoint.id(),
+                addr = %endpoint.addr(),
+                "the half-open endpoint's probe succeeded"
+            ),
+            None => {}
         }
     }
 

@@ -1,8 +1,10 @@
-//! Passive outlier detection (Envoy's consecutive-5xx / consecutive-gateway-failure detectors):
-//! the outcomes of real requests eject an endpoint that keeps failing, for a time that grows with
-//! each ejection, while never ejecting more than a configured share of the set. An ejection ends
-//! at the first pick after its time is up (no timer task); that is when `upstream.returned` is
-//! logged and the `upstream_ejected` gauge drops back to 0.
+//! Passive outlier detection (Envoy's consecutive-5xx / consecutive-gateway-failure detectors),
+//! which is also the per-endpoint circuit breaker: the outcomes of real requests eject (open the
+//! circuit of) an endpoint that keeps failing, for a time that grows with each ejection, while
+//! never ejecting more than a configured share of the set. An ejection ends at the first pick
+//! after its time is up (no timer task); the endpoint is then half-open: one request at a time
+//! is let through as a probe, and its outcome closes the circuit (`upstream.closed`) or ejects
+//! the endpoint again at once, without waiting for the threshold (`probe_failed`).
 
 use std::time::{Duration, Instant};
 
@@ -15,6 +17,8 @@ pub use causeway_core::proxy_config::OutlierConfig;
 pub enum EjectReason {
     Consecutive5xx,
     ConsecutiveConnectFailures,
+    /// The half-open probe after an ejection failed.
+    ProbeFailed,
 }
 
 impl EjectReason {
@@ -22,6 +26,7 @@ impl EjectReason {
         match self {
             EjectReason::Consecutive5xx => "consecutive_5xx",
             EjectReason::ConsecutiveConnectFailures => "consecutive_connect_failures",
+            EjectReason::ProbeFailed => "probe_failed",
         }
     }
 }
@@ -32,6 +37,17 @@ pub(crate) struct OutlierState {
     consecutive_connect: u32,
     pub(crate) times_ejected: u32,
     ejected_until: Option<Instant>,
+    /// Back from an ejection, not yet proven by a probe.
+    half_open: bool,
+    probe_in_flight: bool,
+}
+
+/// What one outcome did to the circuit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    Eject(EjectReason),
+    /// A half-open endpoint's probe succeeded.
+    Closed,
 }
 
 impl OutlierState {
@@ -39,18 +55,51 @@ impl OutlierState {
         self.ejected_until.is_some_and(|until| now < until)
     }
 
-    /// Counts one outcome; says when it crosses an ejection threshold. Outcomes that arrive while
-    /// ejected (requests picked before the ejection) are not counted.
+    /// Whether a new request may be sent: not ejected, and not half-open with its probe out.
+    pub(crate) fn admits(&self, now: Instant) -> bool {
+        let probing = self.half_open && self.probe_in_flight;
+        !(self.is_ejected(now) || probing)
+    }
+
+    pub(crate) fn is_half_open(&self) -> bool {
+        self.half_open
+    }
+
+    /// Called for each request sent: true when it is the half-open endpoint's probe.
+    pub(crate) fn take_probe(&mut self) -> bool {
+        let probe = self.half_open && !self.probe_in_flight;
+        self.probe_in_flight |= probe;
+        probe
+    }
+
+    /// A probe that ended without an outcome (cancelled): the next request probes instead.
+    pub(crate) fn release_probe(&mut self) {
+        self.probe_in_flight = false;
+    }
+
+    /// Counts one outcome; says when it crosses an ejection threshold, or what it did to a
+    /// half-open circuit. Outcomes that arrive while ejected (requests picked before the
+    /// ejection) are not counted.
     pub(crate) fn count(
         &mut self,
         outcome: Outcome,
         config: &OutlierConfig,
         now: Instant,
-    ) -> Option<EjectReason> {
+    ) -> Option<Verdict> {
         if !config.enabled || self.is_ejected(now) {
             return None;
         }
-        match outcome {
+        if self.half_open {
+            self.probe_in_flight = false;
+            if outcome.is_failure() {
+                return Some(Verdict::Eject(EjectReason::ProbeFailed));
+            }
+            self.half_open = false;
+            self.consecutive_5xx = 0;
+            self.consecutive_connect = 0;
+            return Some(Verdict::Closed);
+        }
+        let reason = match outcome {
             Outcome::ConnectFailure => {
                 self.consecutive_connect += 1;
                 (self.consecutive_connect >= config.consecutive_connect_failures.max(1))
@@ -67,7 +116,8 @@ impl OutlierState {
                 self.consecutive_connect = 0;
                 None
             }
-        }
+        };
+        reason.map(Verdict::Eject)
     }
 
     /// Ejects from `now`; returns how long for.
@@ -75,16 +125,20 @@ impl OutlierState {
         self.times_ejected += 1;
         let duration = config.ejection_duration(self.times_ejected);
         self.ejected_until = Some(now + duration);
+        self.half_open = false;
+        self.probe_in_flight = false;
         self.consecutive_5xx = 0;
         self.consecutive_connect = 0;
         duration
     }
 
-    /// Ends an ejection whose time is up; true when this call ended one.
+    /// Ends an ejection whose time is up, half-opening the circuit; true when this call did.
     pub(crate) fn try_return(&mut self, now: Instant) -> bool {
         match self.ejected_until {
             Some(until) if now >= until => {
                 self.ejected_until = None;
+                self.half_open = true;
+                self.probe_in_flight = false;
                 true
             }
             _ => false,
@@ -146,7 +200,7 @@ mod tests {
         assert_eq!(state.count(bad, &config, now), None);
         assert_eq!(
             state.count(Outcome::Failure, &config, now),
-            Some(EjectReason::Consecutive5xx)
+            Some(Verdict::Eject(EjectReason::Consecutive5xx))
         );
         // A 4xx is the client's fault and resets the streak.
         let mut state = OutlierState::default();

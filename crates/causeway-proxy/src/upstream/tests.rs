@@ -348,6 +348,57 @@ fn consecutive_failures_eject_for_a_growing_time() {
 }
 
 #[test]
+fn an_endpoint_back_from_ejection_is_half_open_until_one_probe_decides() {
+    let upstream = outlier_upstream(&["a", "b", "c"], 50);
+    let t0 = Instant::now();
+    let bad = Outcome::Response(StatusCode::SERVICE_UNAVAILABLE);
+    record(&upstream, "b", bad, 3, t0);
+    assert_eq!(ejected(&upstream, t0), ["b"]);
+
+    // Back after 10 s: the first request to b is its probe, and while it is out b gets no other.
+    let t1 = t0 + Duration::from_secs(10);
+    let mut picks = Vec::new();
+    let probe = loop {
+        let guard = upstream
+            .pick_at(&HeaderMap::new(), t1)
+            .expect("an endpoint");
+        if guard.endpoint().id() == "b" {
+            break guard;
+        }
+        picks.push(guard);
+        assert!(picks.len() < 10, "b never came back");
+    };
+    assert!(probe.is_probe());
+    assert!(endpoint_named(&upstream, "b").is_half_open());
+    let others = pick_ids(&upstream, &HeaderMap::new(), 8, t1);
+    assert!(!others.contains(&"b".to_string()), "{others:?}");
+
+    // The probe fails: ejected again at once (one failure, not three), for twice as long.
+    probe.record_at(bad, t1);
+    assert_eq!(ejected(&upstream, t1), ["b"]);
+    assert!(endpoint_named(&upstream, "b").is_ejected(t1 + Duration::from_millis(19_999)));
+    assert_eq!(endpoint_named(&upstream, "b").times_ejected(), 2);
+
+    // A cancelled probe (dropped without an outcome) hands the probe to the next request.
+    let t2 = t1 + Duration::from_secs(20);
+    let b = endpoint_named(&upstream, "b");
+    assert!(pick_ids(&upstream, &HeaderMap::new(), 3, t2).contains(&"b".to_string()));
+    let probe = upstream.track_at(&b, t2);
+    assert!(probe.is_probe());
+    drop(probe);
+    let probe = upstream.track_at(&b, t2);
+    assert!(probe.is_probe(), "the cancelled probe was not released");
+
+    // It succeeds: the circuit closes, b takes its share, and ejection needs the threshold again.
+    probe.record_at(Outcome::Response(StatusCode::OK), t2);
+    assert!(!b.is_half_open());
+    let ids = pick_ids(&upstream, &HeaderMap::new(), 9, t2);
+    assert_eq!(counts(&ids).get("b"), Some(&3), "{ids:?}");
+    record(&upstream, "b", bad, 2, t2);
+    assert!(ejected(&upstream, t2).is_empty());
+}
+
+#[test]
 fn max_ejection_percent_is_respected() {
     let upstream = outlier_upstream(&["a", "b", "c", "d"], 50);
     let now = Instant::now();
