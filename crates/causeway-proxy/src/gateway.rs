@@ -64,6 +64,9 @@ pub type ProxyBody = BoxBody<Bytes, BoxError>;
 pub use causeway_core::principal::AUTHENTICATED_SUBJECT;
 /// This proxy's name in `Via` (a pseudonym: instance names stay internal).
 const VIA_NAME: &str = "causeway";
+/// A client that sends one makes its request safe to repeat (IETF httpapi Idempotency-Key), so a
+/// POST that carries it is retried like a GET.
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 pub struct Gateway {
     instance: String,
@@ -818,7 +821,9 @@ impl Gateway {
         };
 
         let upstream = &pool.upstream;
-        let mut session = upstream.retry_session(parts.method.clone());
+        let mut session = upstream
+            .retry_session(parts.method.clone())
+            .with_idempotency_key(parts.headers.contains_key(IDEMPOTENCY_KEY));
         loop {
             let Some(attempt_timeout) = session.attempt_timeout() else {
                 return Err(Refusal::Status(

@@ -545,15 +545,15 @@ impl Upstream {
             upstream: self.name().to_string(),
         };
         let metrics = &self.inner.metrics;
-        RetrySession::new(&self.inner.config.retry, &self.inner.budget, method).with_counters(
-            RetryCounters {
+        RetrySession::new(&self.inner.config.retry, &self.inner.budget, method)
+            .named(self.name())
+            .with_counters(RetryCounters {
                 retries: metrics.retries.get_or_create(&labels).clone(),
                 budget_exhausted: metrics
                     .retry_budget_exhausted
                     .get_or_create(&labels)
                     .clone(),
-            },
-        )
+            })
     }
 
     /// Starts the active health checker if the config has one; it stops on `shutdown`.

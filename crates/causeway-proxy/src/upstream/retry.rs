@@ -159,18 +159,31 @@ pub fn is_idempotent(method: &Method) -> bool {
 
 /// The retry decision by the policy alone (the plain policy lives in causeway-core).
 pub trait RetryPolicyExt {
-    fn decide(&self, method: &Method, failure: FailureKind, bytes_sent: bool) -> RetryDecision;
+    fn decide(&self, method: &Method, failure: FailureKind, bytes_sent: bool) -> RetryDecision {
+        self.decide_for(is_idempotent(method), failure, bytes_sent)
+    }
+
+    /// [`decide`](Self::decide) for a request known to be idempotent or not: a method RFC 9110
+    /// calls idempotent, or any request with an `Idempotency-Key` (the IETF httpapi draft: the
+    /// server answers a repeat of the key with the first outcome, so sending it twice is safe).
+    fn decide_for(&self, idempotent: bool, failure: FailureKind, bytes_sent: bool)
+    -> RetryDecision;
 }
 
 impl RetryPolicyExt for RetryPolicy {
     /// Whether this failure of this request may be retried, by the policy alone (no budget,
     /// count or deadline). A request that never left (connect failure, no bytes sent) is safe to
     /// retry whatever its method; otherwise only idempotent methods are retried.
-    fn decide(&self, method: &Method, failure: FailureKind, bytes_sent: bool) -> RetryDecision {
+    fn decide_for(
+        &self,
+        idempotent: bool,
+        failure: FailureKind,
+        bytes_sent: bool,
+    ) -> RetryDecision {
         if failure == FailureKind::ConnectFailure && !bytes_sent {
             return RetryDecision::Retry;
         }
-        if !is_idempotent(method) {
+        if !idempotent {
             return RetryDecision::DoNotRetry(NoRetry::NotIdempotent);
         }
         let retryable = match failure {
@@ -212,6 +225,9 @@ pub struct RetrySession<'a> {
     budget: &'a RetryBudget,
     counters: Option<RetryCounters>,
     method: Method,
+    idempotency_key: bool,
+    /// The upstream's name, for the log line of each retry.
+    upstream: &'a str,
     started: Instant,
     retries: u32,
 }
@@ -233,9 +249,22 @@ impl<'a> RetrySession<'a> {
             budget,
             counters: None,
             method,
+            idempotency_key: false,
+            upstream: "",
             started: now,
             retries: 0,
         }
+    }
+
+    /// The request carries an `Idempotency-Key`: it may be retried like an idempotent one.
+    pub fn with_idempotency_key(mut self, present: bool) -> Self {
+        self.idempotency_key = present;
+        self
+    }
+
+    pub fn named(mut self, upstream: &'a str) -> Self {
+        self.upstream = upstream;
+        self
     }
 
     pub fn with_counters(mut self, counters: RetryCounters) -> Self {
@@ -281,6 +310,22 @@ impl<'a> RetrySession<'a> {
         match decision {
             RetryDecision::Retry => {
                 self.retries += 1;
+                let why = if is_idempotent(&self.method) {
+                    "idempotent method"
+                } else if self.idempotency_key {
+                    "Idempotency-Key present"
+                } else {
+                    "not sent: the connection failed before any byte"
+                };
+                tracing::info!(
+                    event = "upstream.retry",
+                    upstream = self.upstream,
+                    method = %self.method,
+                    failure = ?failure,
+                    retry = self.retries,
+                    why,
+                    "retrying on another attempt"
+                );
                 if let Some(counters) = &self.counters {
                     counters.retries.inc();
                 }
@@ -297,7 +342,8 @@ impl<'a> RetrySession<'a> {
 
     fn check(&self, failure: FailureKind, bytes_sent: bool, now: Instant) -> RetryDecision {
         use RetryDecision::DoNotRetry;
-        if let DoNotRetry(reason) = self.policy.decide(&self.method, failure, bytes_sent) {
+        let idempotent = is_idempotent(&self.method) || self.idempotency_key;
+        if let DoNotRetry(reason) = self.policy.decide_for(idempotent, failure, bytes_sent) {
             return DoNotRetry(reason);
         }
         if self.retries >= self.policy.max_retries {
@@ -428,6 +474,34 @@ mod tests {
             no_resets.decide(&Method::GET, Other, true),
             DoNotRetry(NotRetryable)
         );
+    }
+
+    #[test]
+    fn a_post_with_an_idempotency_key_is_retried_like_a_get() {
+        let (budget, now) = budget(1.0, 10);
+        let policy = RetryPolicy::default();
+        let unavailable = FailureKind::Status(StatusCode::SERVICE_UNAVAILABLE);
+        let mut plain = RetrySession::starting_at(&policy, &budget, Method::POST, now);
+        assert_eq!(
+            plain.after_failure_at(unavailable, true, now),
+            RetryDecision::DoNotRetry(NoRetry::NotIdempotent)
+        );
+        let mut keyed = RetrySession::starting_at(&policy, &budget, Method::POST, now)
+            .with_idempotency_key(true);
+        assert_eq!(
+            keyed.after_failure_at(unavailable, true, now),
+            RetryDecision::Retry
+        );
+        assert_eq!(
+            keyed.after_failure_at(
+                FailureKind::Status(StatusCode::INTERNAL_SERVER_ERROR),
+                true,
+                now
+            ),
+            RetryDecision::DoNotRetry(NoRetry::NotRetryable),
+            "the key makes a retry safe, not every failure retryable"
+        );
+        assert_eq!(keyed.retries(), 1);
     }
 
     #[test]

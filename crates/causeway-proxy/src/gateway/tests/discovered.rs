@@ -262,6 +262,15 @@ struct Answer {
 }
 
 async fn send(gateway: std::net::SocketAddr, method: http::Method, path: &str) -> Answer {
+    send_with(gateway, method, path, &[]).await
+}
+
+async fn send_with(
+    gateway: std::net::SocketAddr,
+    method: http::Method,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Answer {
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
     let body = if method == http::Method::POST {
@@ -269,12 +278,14 @@ async fn send(gateway: std::net::SocketAddr, method: http::Method, path: &str) -
     } else {
         Bytes::new()
     };
-    let request = Request::builder()
+    let mut request = Request::builder()
         .method(method)
         .uri(format!("http://{gateway}{path}"))
-        .header("x-request-id", "req-42")
-        .body(Full::new(body))
-        .unwrap();
+        .header("x-request-id", "req-42");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(Full::new(body)).unwrap();
     let response = tokio::time::timeout(Duration::from_secs(10), client.request(request))
         .await
         .expect("the gateway answers in time")
@@ -411,6 +422,55 @@ async fn a_failing_instance_is_ejected_and_the_others_take_its_traffic() {
             &["endpoint=\"order-service-1\""]
         ),
         1.0
+    );
+}
+
+#[tokio::test]
+async fn a_post_is_retried_after_a_503_only_when_it_carries_an_idempotency_key() {
+    let fixture = Fixture::start().await;
+    let busy = fixture.instance("order-service-1").await;
+    let _fine = fixture.instance("order-service-2").await;
+    busy.status.store(503, Ordering::SeqCst);
+    let mut policy = round_robin();
+    policy.outlier.enabled = false; // keep the busy instance in rotation
+    let (gateway, _stop, prometheus) = fixture.gateway(policy).await;
+    let mut unavailable = 0;
+    for _ in 0..4 {
+        let answer = send(gateway, http::Method::POST, "/orders/1/paid").await;
+        if answer.status == StatusCode::SERVICE_UNAVAILABLE {
+            unavailable += 1;
+        }
+    }
+    assert_eq!(
+        unavailable, 2,
+        "a POST without a key is passed the 503, never sent twice"
+    );
+    let before = busy.hits();
+    for _ in 0..4 {
+        let answer = send_with(
+            gateway,
+            http::Method::POST,
+            "/orders/1/paid",
+            &[("idempotency-key", "pay-7")],
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+        assert!(
+            answer.body.starts_with("order-service-2"),
+            "{}",
+            answer.body
+        );
+    }
+    // Round robin alternates picks, so each keyed POST met the busy instance first, then was
+    // retried on the other.
+    assert_eq!(busy.hits() - before, 4);
+    assert_eq!(
+        sample(
+            &prometheus,
+            "upstream_retries_total",
+            &["upstream=\"order-service\""]
+        ),
+        4.0
     );
 }
 
