@@ -544,6 +544,19 @@ pub struct StaticUpstream {
     pub policy: UpstreamConfig,
 }
 
+impl StaticUpstream {
+    /// `addrs` over HTTP/1.1 with the default pool and policy.
+    pub fn http1(addrs: Vec<SocketAddr>) -> Self {
+        Self {
+            addrs,
+            protocol: UpstreamProtocol::Http1,
+            pool_idle_timeout_ms: default_pool_idle_timeout_ms(),
+            pool_max_idle_per_addr: default_pool_max_idle(),
+            policy: UpstreamConfig::default(),
+        }
+    }
+}
+
 /// How a static upstream is spoken to.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

@@ -64,13 +64,11 @@ pub enum Proof<'a> {
     },
 }
 
-/// Asks the control plane to certify `key`.
-pub async fn certify(
+/// A channel to the control plane, presenting `identity` (chain and key PEM) when given.
+pub(crate) async fn channel(
     target: &ControlPlaneTarget,
-    key: &WorkloadKey,
-    proof: Proof<'_>,
-    lifetime: Option<Duration>,
-) -> Result<pb::CertifyResponse, ClientError> {
+    identity: Option<(&str, &str)>,
+) -> Result<Channel, ClientError> {
     let connect_error = |message: String| ClientError::Connect {
         addr: target.addr.to_string(),
         message,
@@ -78,30 +76,57 @@ pub async fn certify(
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&target.ca_pem))
         .domain_name(target.server_name.clone());
-    let token = match proof {
-        Proof::BootstrapToken(token) => token.to_string(),
-        Proof::Certificate { chain_pem, key_pem } => {
-            tls = tls.identity(Identity::from_pem(chain_pem, key_pem));
-            String::new()
-        }
-    };
-    let channel: Channel = Endpoint::from_shared(format!("https://{}", target.addr))
+    if let Some((chain_pem, key_pem)) = identity {
+        tls = tls.identity(Identity::from_pem(chain_pem, key_pem));
+    }
+    Endpoint::from_shared(format!("https://{}", target.addr))
         .map_err(|err| connect_error(err.to_string()))?
         .connect_timeout(target.timeout)
-        .timeout(target.timeout)
         .tls_config(tls)
         .map_err(|err| connect_error(err.to_string()))?
         .connect()
         .await
-        .map_err(|err| connect_error(err.to_string()))?;
-    let response = MeshControlClient::new(channel)
-        .certify(pb::CertifyRequest {
-            csr_der: key.csr_der()?,
-            bootstrap_token: token,
-            lifetime_seconds: lifetime.map(|l| l.as_secs()).unwrap_or(0),
-        })
+        .map_err(|err| connect_error(err.to_string()))
+}
+
+/// Asks the control plane to certify `key`.
+pub async fn certify(
+    target: &ControlPlaneTarget,
+    key: &WorkloadKey,
+    proof: Proof<'_>,
+    lifetime: Option<Duration>,
+) -> Result<pb::CertifyResponse, ClientError> {
+    let (token, identity) = match proof {
+        Proof::BootstrapToken(token) => (token.to_string(), None),
+        Proof::Certificate { chain_pem, key_pem } => (String::new(), Some((chain_pem, key_pem))),
+    };
+    let mut request = tonic::Request::new(pb::CertifyRequest {
+        csr_der: key.csr_der()?,
+        bootstrap_token: token,
+        lifetime_seconds: lifetime.map(|l| l.as_secs()).unwrap_or(0),
+    });
+    request.set_timeout(target.timeout);
+    let response = MeshControlClient::new(channel(target, identity).await?)
+        .certify(request)
         .await?;
     Ok(response.into_inner())
+}
+
+/// What each sidecar has acknowledged, as the control plane books it (`causeway mesh policy`).
+pub async fn sidecars(target: &ControlPlaneTarget) -> Result<pb::SidecarsResponse, ClientError> {
+    let mut request = tonic::Request::new(pb::SidecarsRequest {});
+    request.set_timeout(target.timeout);
+    Ok(MeshControlClient::new(channel(target, None).await?)
+        .sidecars(request)
+        .await?
+        .into_inner())
+}
+
+/// The certificate a sidecar presents now, with its key.
+#[derive(Clone)]
+pub struct Held {
+    pub certificate: pb::CertifyResponse,
+    pub key_pem: String,
 }
 
 /// A sidecar's identity kept fresh: the first certificate by bootstrap token, then renewals
@@ -110,7 +135,7 @@ pub async fn certify(
 /// while renewal fails, the current certificate keeps serving until it expires.
 pub struct IdentityAgent {
     pub identity: std::sync::Arc<crate::tls::RotatingIdentity>,
-    current: tokio::sync::watch::Receiver<pb::CertifyResponse>,
+    current: tokio::sync::watch::Receiver<Held>,
 }
 
 impl IdentityAgent {
@@ -125,15 +150,21 @@ impl IdentityAgent {
         let key = WorkloadKey::generate()?;
         let first = certify(&target, &key, Proof::BootstrapToken(token), lifetime).await?;
         let identity = crate::tls::RotatingIdentity::new(&first.chain_pem, &key.private_key_pem())?;
-        let (publish, current) = tokio::sync::watch::channel(first);
+        let (publish, current) = tokio::sync::watch::channel(Held {
+            certificate: first,
+            key_pem: key.private_key_pem(),
+        });
         let rotating = identity.clone();
         tokio::spawn(async move {
-            let mut key_pem = key.private_key_pem();
             let mut backoff = Duration::from_millis(100);
             loop {
-                let (chain_pem, not_after) = {
+                let (chain_pem, key_pem, not_after) = {
                     let now = publish.borrow();
-                    (now.chain_pem.clone(), now.not_after_unix_seconds)
+                    (
+                        now.certificate.chain_pem.clone(),
+                        now.key_pem.clone(),
+                        now.certificate.not_after_unix_seconds,
+                    )
                 };
                 let wait = renewal_delay(not_after, lifetime);
                 tokio::select! {
@@ -162,9 +193,11 @@ impl IdentityAgent {
                                 serial = renewed.serial,
                                 "workload certificate renewed"
                             );
-                            key_pem = next_key.private_key_pem();
                             backoff = Duration::from_millis(100);
-                            let _ = publish.send(renewed);
+                            let _ = publish.send(Held {
+                                certificate: renewed,
+                                key_pem: next_key.private_key_pem(),
+                            });
                         }
                         Err(err) => tracing::error!(error = %err, "renewed certificate unusable"),
                     },
@@ -189,7 +222,12 @@ impl IdentityAgent {
 
     /// The certificate now presented (serial, expiry, SPIFFE ID).
     pub fn current(&self) -> pb::CertifyResponse {
-        self.current.borrow().clone()
+        self.current.borrow().certificate.clone()
+    }
+
+    /// The certificate and its key, for a connection that must present them (the `Watch`).
+    pub fn held(&self) -> tokio::sync::watch::Receiver<Held> {
+        self.current.clone()
     }
 
     /// Resolves when a renewal has been swapped in.

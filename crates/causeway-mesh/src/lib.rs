@@ -5,7 +5,8 @@
 //! a certificate; and the mesh policy file (Gateway API `HTTPRoute` timeouts and retries, Istio-style
 //! `AuthorizationPolicy`, default deny) with the decisions it makes. Sidecars themselves are a role of `causeway-proxy`'s engine; this crate gives
 //! them what they verify peers with: [`tls`] (mutual TLS by SPIFFE ID, identities rotated in
-//! place) and [`client`] (a key made locally, a CSR, the `Certify` call).
+//! place), [`client`] (a key made locally, a CSR, the `Certify` call) and [`watch`] (the
+//! configuration the control plane streams, applied and acknowledged).
 
 pub mod authority;
 pub mod bootstrap;
@@ -14,6 +15,7 @@ pub mod policy;
 pub mod server;
 pub mod spiffe;
 pub mod tls;
+pub mod watch;
 
 pub use authority::{AuthorityError, Issued, MeshAuthority};
 pub use bootstrap::{Bootstrap, BootstrapKey, TokenError, TokenVerifier};

@@ -416,6 +416,11 @@ impl MeshPolicy {
         Ok(())
     }
 
+    /// Every route rule for calls to `service`.
+    pub fn routes_of(&self, service: &str) -> &[RouteRule] {
+        self.routes.get(service).map(Vec::as_slice).unwrap_or(&[])
+    }
+
     /// The route rule for a call to `service`: the longest matching path wins, as in the
     /// Gateway API.
     pub fn route(&self, service: &str, path: &str) -> Option<&RouteRule> {

@@ -1,10 +1,13 @@
 //! The control plane's gRPC server (`causeway.mesh.v1.MeshControl`), over TLS that asks for a
 //! client certificate without requiring one: a sidecar's first call has only its bootstrap
-//! token, later ones present the mesh certificate they renew.
+//! token, later ones present the mesh certificate they renew. `Watch` streams the mesh's
+//! configuration from a [`ConfigFeed`] to every sidecar and books their acknowledgements.
 
+use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use causeway_core::serve::{KeepAlive, Peer, serve_http2_with_peer, shutdown_channel};
 use causeway_core::tls::{CertPaths, ClientAuth};
@@ -15,7 +18,7 @@ use rustls::pki_types::CertificateDer;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tonic::service::Routes;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::authority::MeshAuthority;
 use crate::bootstrap::TokenVerifier;
@@ -39,6 +42,120 @@ pub struct ControlPlane {
     pub trust_anchors_pem: String,
     pub trust_domain: String,
     pub default_lifetime: Duration,
+    /// What `Watch` streams.
+    pub config: tokio::sync::watch::Receiver<Arc<pb::MeshConfig>>,
+}
+
+/// The configuration the control plane serves, versioned: a new version only when something
+/// changed, so that a sidecar's acknowledged version says whether it has converged.
+pub struct ConfigFeed {
+    sender: tokio::sync::watch::Sender<Arc<pb::MeshConfig>>,
+}
+
+impl Default for ConfigFeed {
+    fn default() -> Self {
+        Self {
+            sender: tokio::sync::watch::Sender::new(Arc::new(pb::MeshConfig::default())),
+        }
+    }
+}
+
+impl ConfigFeed {
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Arc<pb::MeshConfig>> {
+        self.sender.subscribe()
+    }
+
+    /// Serves `policy_yaml` (already checked) and `destinations` (sorted, so that the same
+    /// state is the same version); returns the new version, or None if nothing changed.
+    pub fn publish(
+        &self,
+        policy_file: &str,
+        policy_yaml: &str,
+        mut destinations: Vec<pb::Destination>,
+    ) -> Option<u64> {
+        destinations.sort_by(|a, b| a.service.cmp(&b.service));
+        for destination in &mut destinations {
+            destination
+                .endpoints
+                .sort_by(|a, b| a.instance.cmp(&b.instance));
+        }
+        let mut published = None;
+        self.sender.send_if_modified(|current| {
+            let same = current.policy_file == policy_file
+                && current.policy_yaml == policy_yaml
+                && current.destinations == destinations;
+            if same {
+                return false;
+            }
+            let version = current.version + 1;
+            *current = Arc::new(pb::MeshConfig {
+                version,
+                policy_file: policy_file.to_string(),
+                policy_yaml: policy_yaml.to_string(),
+                destinations: std::mem::take(&mut destinations),
+            });
+            published = Some(version);
+            true
+        });
+        published
+    }
+
+    pub fn version(&self) -> u64 {
+        self.sender.borrow().version
+    }
+}
+
+/// What each sidecar has acknowledged, by instance.
+#[derive(Default)]
+struct SidecarBook {
+    entries: Mutex<BTreeMap<String, BookEntry>>,
+}
+
+struct BookEntry {
+    spiffe_id: String,
+    applied_version: u64,
+    last_error: String,
+    /// Open `Watch` streams of this instance (a reconnect may overlap the old stream's end).
+    streams: u32,
+    last_seen: Instant,
+}
+
+impl SidecarBook {
+    fn with_entry(
+        &self,
+        instance: &str,
+        spiffe_id: &SpiffeId,
+        update: impl FnOnce(&mut BookEntry),
+    ) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = entries
+            .entry(instance.to_string())
+            .or_insert_with(|| BookEntry {
+                spiffe_id: spiffe_id.to_string(),
+                applied_version: 0,
+                last_error: String::new(),
+                streams: 0,
+                last_seen: Instant::now(),
+            });
+        entry.spiffe_id = spiffe_id.to_string();
+        entry.last_seen = Instant::now();
+        update(entry);
+    }
+
+    fn listing(&self) -> Vec<pb::SidecarStatus> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries
+            .iter()
+            .map(|(instance, entry)| pb::SidecarStatus {
+                instance: instance.clone(),
+                spiffe_id: entry.spiffe_id.clone(),
+                applied_version: entry.applied_version,
+                last_error: entry.last_error.clone(),
+                connected: entry.streams > 0,
+                last_seen_seconds_ago: entry.last_seen.elapsed().as_secs(),
+            })
+            .collect()
+    }
 }
 
 /// Serves the control plane on `listener` until `shutdown` resolves. `certs` is the control
@@ -63,6 +180,7 @@ pub async fn serve(
     let shared = Arc::new(Shared {
         control_plane,
         issuer_der,
+        book: SidecarBook::default(),
     });
     let (stop, stopped) = shutdown_channel();
     let signal = async move {
@@ -93,6 +211,7 @@ pub async fn serve(
 struct Shared {
     control_plane: ControlPlane,
     issuer_der: CertificateDer<'static>,
+    book: SidecarBook,
 }
 
 impl Shared {
@@ -128,8 +247,96 @@ impl Service {
     }
 }
 
+type ConfigStream =
+    Pin<Box<dyn futures_util::Stream<Item = Result<pb::MeshConfig, Status>> + Send + 'static>>;
+
 #[tonic::async_trait]
 impl MeshControl for Service {
+    type WatchStream = ConfigStream;
+
+    async fn watch(
+        &self,
+        request: Request<Streaming<pb::WatchRequest>>,
+    ) -> Result<Response<ConfigStream>, Status> {
+        let Some(identity) = self.caller.clone() else {
+            return Err(self.refuse(Status::unauthenticated(
+                "Watch needs a mesh certificate: connect with the certificate Certify issued",
+            )));
+        };
+        let mut acks = request.into_inner();
+        let first = acks
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("the stream ended before its first message"))?;
+        if !causeway_core::registry_api::is_dns_label(&first.instance) {
+            return Err(self.refuse(Status::invalid_argument(format!(
+                "instance {:?} is not a DNS label",
+                first.instance
+            ))));
+        }
+        let instance = first.instance;
+        let shared = self.shared.clone();
+        let peer = self.peer;
+        shared
+            .book
+            .with_entry(&instance, &identity, |entry| entry.streams += 1);
+        tracing::info!(event = "mesh.watch_opened", %instance, spiffe_id = %identity, %peer, "sidecar watching");
+        let mut config = shared.control_plane.config.clone();
+        let (send, receive) = tokio::sync::mpsc::channel::<Result<pb::MeshConfig, Status>>(2);
+        tokio::spawn(async move {
+            let mut pending = Some(config.borrow_and_update().clone());
+            loop {
+                if let Some(next) = pending.take()
+                    && send.send(Ok((*next).clone())).await.is_err()
+                {
+                    break;
+                }
+                tokio::select! {
+                    changed = config.changed() => match changed {
+                        Ok(()) => pending = Some(config.borrow_and_update().clone()),
+                        Err(_) => break,
+                    },
+                    ack = acks.message() => match ack {
+                        Ok(Some(ack)) => {
+                            shared.book.with_entry(&instance, &identity, |entry| {
+                                if ack.error.is_empty() {
+                                    entry.applied_version = ack.version;
+                                    entry.last_error.clear();
+                                } else {
+                                    entry.last_error = ack.error.clone();
+                                }
+                            });
+                            if ack.error.is_empty() {
+                                tracing::debug!(event = "mesh.config_acked", %instance, version = ack.version, "sidecar applied configuration");
+                            } else {
+                                tracing::warn!(event = "mesh.config_refused", %instance, version = ack.version, error = ack.error, "sidecar refused configuration");
+                            }
+                        }
+                        Ok(None) | Err(_) => break,
+                    },
+                }
+            }
+            shared.book.with_entry(&instance, &identity, |entry| {
+                entry.streams = entry.streams.saturating_sub(1)
+            });
+            tracing::info!(event = "mesh.watch_closed", %instance, %peer, "sidecar stopped watching");
+        });
+        let stream = futures_util::stream::unfold(receive, |mut receive| async move {
+            receive.recv().await.map(|item| (item, receive))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn sidecars(
+        &self,
+        _request: Request<pb::SidecarsRequest>,
+    ) -> Result<Response<pb::SidecarsResponse>, Status> {
+        Ok(Response::new(pb::SidecarsResponse {
+            current_version: self.shared.control_plane.config.borrow().version,
+            sidecars: self.shared.book.listing(),
+        }))
+    }
+
     async fn certify(
         &self,
         request: Request<pb::CertifyRequest>,
@@ -248,6 +455,7 @@ mod tests {
                 trust_anchors_pem: ca_pem.clone(),
                 trust_domain: "causeway.local".into(),
                 default_lifetime,
+                config: ConfigFeed::default().subscribe(),
             };
             let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
             let target = ControlPlaneTarget {

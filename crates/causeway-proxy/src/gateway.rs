@@ -52,6 +52,7 @@ use crate::auth::{AuthError, Verifier};
 use crate::hygiene::{self, Forwarding, Limits, LimitsExt, Upgrade};
 use crate::rate_limit::{ClientKey, RateLimit};
 use crate::routing::RouteTable;
+use crate::sidecar::{MeshRole, PEER_IDENTITY};
 use crate::upstream::{FailureKind, RetryDecision, UpstreamConfig, UpstreamMetrics};
 
 mod pool;
@@ -91,6 +92,8 @@ pub struct Gateway {
     plain_http: bool,
     /// Who gets `Server-Timing` with the internal hops.
     server_timing: ServerTimingPolicy,
+    /// Set when this gateway is half of a mesh sidecar (see [`crate::sidecar`]).
+    mesh: Option<MeshRole>,
 }
 
 /// What a gateway passes on to the one that replaces it on a reload (see [`Gateway::reload`]).
@@ -107,6 +110,7 @@ struct Carried {
     draining: Arc<tokio::sync::watch::Sender<Option<tokio::time::Instant>>>,
     plain_http: bool,
     server_timing: ServerTimingPolicy,
+    mesh: Option<MeshRole>,
 }
 
 /// A route with what it forwards to.
@@ -128,6 +132,8 @@ enum Refusal {
 /// Who a request came from, as the checks found it.
 struct Caller<'t> {
     peer: SocketAddr,
+    /// The verified mesh identity of the calling sidecar (inbound half only).
+    mesh_peer: Option<&'t causeway_mesh::SpiffeId>,
     trace: &'t TraceContext,
     request_id: Option<&'t HeaderValue>,
     principal: Option<Principal>,
@@ -213,9 +219,63 @@ impl Gateway {
                 draining: Arc::new(tokio::sync::watch::Sender::new(None)),
                 plain_http: false,
                 server_timing: config.server_timing,
+                mesh: None,
             },
             &[],
         )
+    }
+
+    /// A sidecar half: the outbound one routes by `Host` to the meshed services of the
+    /// configuration in force (rebuilt with [`reload`](Self::reload) when a new one is
+    /// applied); the inbound one forwards to `app` (plain HTTP/1.1 on loopback) what the
+    /// policy lets in. `config` gives the listener limits and request timeout.
+    pub fn sidecar(
+        instance: String,
+        config: &ReverseProxyConfig,
+        role: MeshRole,
+        app: Option<SocketAddr>,
+        client: Arc<ServiceClient>,
+        metrics: HttpMetrics,
+    ) -> Result<Self, String> {
+        let table = match (&role, app) {
+            (MeshRole::Outbound(context), _) => {
+                crate::sidecar::outbound_routes(&*context.applied()?)
+            }
+            (MeshRole::Inbound(_), Some(app)) => RouteTable::from_routes(vec![RouteConfig {
+                prefix: "/".into(),
+                service: String::new(),
+                strip_prefix: None,
+                auth: false,
+                // Retries are the caller's outbound half's to make, with its budget.
+                upstream: Some(causeway_core::topology::StaticUpstream {
+                    policy: crate::sidecar::inbound_policy(),
+                    ..causeway_core::topology::StaticUpstream::http1(vec![app])
+                }),
+                policy: UpstreamConfig::default(),
+            }]),
+            (MeshRole::Inbound(_), None) => {
+                return Err("an inbound sidecar needs its app's address".into());
+            }
+        };
+        Ok(Self::build(
+            table,
+            Carried {
+                instance,
+                limits: config.listener_limits(),
+                verifier: Arc::new(Verifier::new(b"", &config.jwt)),
+                limiter: Arc::new(RateLimit::new(&config.rate_limit)),
+                client,
+                metrics,
+                upstream_metrics: UpstreamMetrics::default(),
+                attempts: AttemptMetrics::default(),
+                tunnels: TunnelMetrics::default(),
+                draining: Arc::new(tokio::sync::watch::Sender::new(None)),
+                plain_http: matches!(role, MeshRole::Outbound(_)),
+                server_timing: config.server_timing,
+                mesh: Some(role),
+            },
+            &[],
+        ))
     }
 
     /// A gateway with `table`'s routes (an Ingress reload) that carries this one on: the
@@ -238,6 +298,7 @@ impl Gateway {
             draining: self.draining.clone(),
             plain_http: self.plain_http,
             server_timing: self.server_timing,
+            mesh: self.mesh.clone(),
         };
         Self::build(table, carried, &self.routes)
     }
@@ -257,6 +318,7 @@ impl Gateway {
             draining,
             plain_http,
             server_timing,
+            mesh,
         } = carried;
         let request_timeout = limits.request_timeout();
         // Routes to one service with one policy share a pool: one endpoint set, one outlier
@@ -305,15 +367,26 @@ impl Gateway {
                         } else {
                             route.service.clone()
                         };
-                        Pool::discovered(
-                            name,
-                            &route.service,
-                            &route.policy,
-                            client.clone(),
-                            request_timeout,
-                            &upstream_metrics,
-                            &attempts,
-                        )
+                        match &mesh {
+                            Some(MeshRole::Outbound(context)) => Pool::mesh(
+                                name,
+                                &route.service,
+                                &route.policy,
+                                context.clone(),
+                                request_timeout,
+                                &upstream_metrics,
+                                &attempts,
+                            ),
+                            _ => Pool::discovered(
+                                name,
+                                &route.service,
+                                &route.policy,
+                                client.clone(),
+                                request_timeout,
+                                &upstream_metrics,
+                                &attempts,
+                            ),
+                        }
                         .map(|pool| {
                             let pool = Arc::new(pool);
                             discovered.push((&route.service, &route.policy, pool.clone()));
@@ -347,6 +420,7 @@ impl Gateway {
             draining,
             plain_http,
             server_timing,
+            mesh,
         }
     }
 
@@ -505,7 +579,20 @@ impl Gateway {
         upgrade: Upgrade,
     ) {
         hygiene::strip_hop_by_hop(headers, upgrade);
-        principal::strip_internal(headers);
+        match &self.mesh {
+            // The edge trusts nothing internal a client sends.
+            None => principal::strip_internal(headers),
+            // Within the mesh the app's headers pass (the principal it acts for among them),
+            // except the peer identity, which only an inbound sidecar states.
+            Some(_) => {
+                headers.remove(PEER_IDENTITY);
+            }
+        }
+        if let Some(identity) = caller.mesh_peer
+            && let Ok(value) = HeaderValue::try_from(identity.to_string())
+        {
+            headers.insert(PEER_IDENTITY, value);
+        }
         if let Some(principal) = &caller.principal {
             principal.to_headers(headers);
         }
@@ -539,6 +626,17 @@ impl Gateway {
         request: Request<Incoming>,
         peer: SocketAddr,
     ) -> Response<ProxyBody> {
+        self.handle_from(request, peer, None).await
+    }
+
+    /// Handles one request from `peer`, whose verified mesh identity is `mesh_peer` (an inbound
+    /// sidecar's caller).
+    pub async fn handle_from(
+        &self,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+        mesh_peer: Option<&causeway_mesh::SpiffeId>,
+    ) -> Response<ProxyBody> {
         let started = Instant::now();
         let trace = TraceContext::continue_from(request.headers());
         // Built once, sent upstream and back to the client.
@@ -561,7 +659,7 @@ impl Gateway {
             .forward(
                 route,
                 request,
-                peer,
+                (peer, mesh_peer),
                 &trace,
                 request_id.as_ref(),
                 &mut timing,
@@ -621,6 +719,20 @@ impl Gateway {
         }
         let status = response.status().as_u16();
         self.metrics.observe(route_name, &method, status, elapsed);
+        let identities = self.mesh.as_ref().map(|role| {
+            let own = role.context().own_identity.to_string();
+            match role {
+                MeshRole::Outbound(_) => (own, route.map(|route| route.config.service.clone())),
+                MeshRole::Inbound(_) => (
+                    mesh_peer.map(ToString::to_string).unwrap_or_default(),
+                    Some(own),
+                ),
+            }
+        });
+        let (source_identity, destination) = match &identities {
+            Some((source, destination)) => (Some(source.as_str()), destination.as_deref()),
+            None => (None, None),
+        };
         tracing::info!(
             request_id = %trace.request_id,
             trace_id = %trace.trace_id,
@@ -629,6 +741,8 @@ impl Gateway {
             path = uri.path(),
             status,
             elapsed_ms = elapsed.as_secs_f64() * 1000.0,
+            source_identity,
+            destination,
             "access"
         );
         response
@@ -640,7 +754,7 @@ impl Gateway {
         &'a self,
         route: Option<&'a Route>,
         request: Request<Incoming>,
-        peer: SocketAddr,
+        (peer, mesh_peer): (SocketAddr, Option<&causeway_mesh::SpiffeId>),
         trace: &TraceContext,
         request_id: Option<&HeaderValue>,
         timing: &mut bool,
@@ -676,12 +790,18 @@ impl Gateway {
                 .is_some_and(|principal| principal.has_scope(principal::scopes::DEBUG));
         }
 
-        let client_key = match &principal {
-            Some(principal) => ClientKey::Subject(principal.subject.clone()),
-            None => ClientKey::Ip(peer.ip()),
-        };
-        if let Err(wait) = self.limiter.check(&client_key) {
-            return Err(Refusal::RateLimited(wait));
+        if let Some(MeshRole::Inbound(context)) = &self.mesh {
+            self.authorize(context, mesh_peer, &request, peer)?;
+        }
+        // A sidecar serves one app: the edge rate-limits what comes from outside.
+        if self.mesh.is_none() {
+            let client_key = match &principal {
+                Some(principal) => ClientKey::Subject(principal.subject.clone()),
+                None => ClientKey::Ip(peer.ip()),
+            };
+            if let Err(wait) = self.limiter.check(&client_key) {
+                return Err(Refusal::RateLimited(wait));
+            }
         }
 
         // Checked after auth and rate limiting: an upgrade is a request like any other until then.
@@ -710,6 +830,17 @@ impl Gateway {
                         ),
                     ));
                 }
+                Transport::Mesh(mesh) => {
+                    return Err(Refusal::Status(
+                        StatusCode::NOT_IMPLEMENTED,
+                        "websocket_unsupported",
+                        format!(
+                            "calls to {} cross the mesh over HTTP/2, which cannot carry an \
+                             HTTP/1.1 WebSocket upgrade",
+                            mesh.service
+                        ),
+                    ));
+                }
                 Transport::Discovered(discovered) => {
                     return Err(Refusal::Status(
                         StatusCode::NOT_IMPLEMENTED,
@@ -731,6 +862,7 @@ impl Gateway {
             websocket,
             Caller {
                 peer,
+                mesh_peer,
                 trace,
                 request_id,
                 principal,
@@ -801,7 +933,7 @@ impl Gateway {
                 .exact()
                 .is_some_and(|length| length <= REPLAY_LIMIT),
             // gRPC streams both ways and its messages carry their own size limits.
-            Transport::Discovered(_) => !grpc,
+            Transport::Discovered(_) | Transport::Mesh(_) => !grpc,
         };
         let (replay, mut streamed) = if body.is_end_stream() {
             (Some(Bytes::new()), None)
@@ -923,6 +1055,51 @@ impl Gateway {
             StatusCode::BAD_GATEWAY,
             "upstream_unavailable",
             format!("{} could not be reached", upstream.name()),
+        ))
+    }
+
+    /// An inbound sidecar's check of a call against the mesh policy in force: the caller's
+    /// verified identity, method and path; a denial names the rule (or the default deny) in
+    /// the 403 and in a log line.
+    fn authorize(
+        &self,
+        context: &crate::sidecar::MeshContext,
+        caller: Option<&causeway_mesh::SpiffeId>,
+        request: &Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<(), Refusal> {
+        let applied = context.applied().map_err(|message| {
+            Refusal::Status(StatusCode::SERVICE_UNAVAILABLE, "mesh_not_ready", message)
+        })?;
+        let method = request.method().as_str();
+        let path = request.uri().path();
+        let decision = applied
+            .policy
+            .authorize(&context.service, caller, method, path);
+        if decision.allowed() {
+            return Ok(());
+        }
+        let caller_name =
+            caller.map_or_else(|| "no mesh identity".to_string(), ToString::to_string);
+        let reason = decision.reason(&context.service);
+        tracing::warn!(
+            event = "mesh.denied",
+            source_identity = %caller_name,
+            destination = %context.service,
+            client = %peer,
+            method,
+            path,
+            policy_version = applied.version,
+            reason = %reason,
+            "call denied by mesh policy"
+        );
+        Err(Refusal::Status(
+            StatusCode::FORBIDDEN,
+            "mesh_policy_denied",
+            format!(
+                "{caller_name} may not call {method} {path} on {}: {reason}",
+                context.service
+            ),
         ))
     }
 

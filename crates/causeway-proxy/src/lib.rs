@@ -17,6 +17,7 @@ pub mod ingress;
 pub mod rate_limit;
 pub mod reload;
 pub mod routing;
+pub mod sidecar;
 pub mod upstream;
 
 pub use balancer::Balancer;

@@ -19,6 +19,9 @@ pub struct RouteTable {
 enum Matcher {
     /// Indexes into `routes`, longest prefix first.
     Prefix(Vec<usize>),
+    /// By the host's first label (a service name, as a mesh sidecar's app calls it), then the
+    /// longest prefix.
+    Host(std::collections::HashMap<String, Vec<usize>>),
     /// The Ingress table, and each Ingress route's index in `routes` by its id.
     Ingress {
         table: Box<IngressRoutes>,
@@ -35,6 +38,24 @@ impl RouteTable {
         Self {
             routes,
             matcher: Matcher::Prefix(order),
+        }
+    }
+
+    /// Routes per host: a request to `order-service`, `order-service:80` or
+    /// `order-service.mesh` takes the longest matching prefix among that host's routes.
+    pub fn by_host(hosts: Vec<(String, Vec<RouteConfig>)>) -> Self {
+        let mut routes = Vec::new();
+        let mut by_host = std::collections::HashMap::new();
+        for (host, host_routes) in hosts {
+            let start = routes.len();
+            routes.extend(host_routes);
+            let mut order: Vec<usize> = (start..routes.len()).collect();
+            order.sort_by_key(|&index| std::cmp::Reverse(routes[index].prefix.len()));
+            by_host.insert(host, order);
+        }
+        Self {
+            routes,
+            matcher: Matcher::Host(by_host),
         }
     }
 
@@ -91,6 +112,15 @@ impl RouteTable {
                 .iter()
                 .copied()
                 .find(|&index| path.starts_with(&self.routes[index].prefix)),
+            Matcher::Host(by_host) => {
+                let host = host?;
+                let name = host.split([':', '.']).next().unwrap_or(host);
+                by_host
+                    .get(name)?
+                    .iter()
+                    .copied()
+                    .find(|&index| path.starts_with(&self.routes[index].prefix))
+            }
             Matcher::Ingress { table, index } => table
                 .lookup_route(host, path)
                 .and_then(|route| index.get(&route.id).copied()),
@@ -101,6 +131,7 @@ impl RouteTable {
     pub fn source(&self) -> &'static str {
         match self.matcher {
             Matcher::Prefix(_) => "topology routes",
+            Matcher::Host(_) => "mesh destinations",
             Matcher::Ingress { .. } => "ingress files",
         }
     }

@@ -32,6 +32,7 @@ use prometheus_client::metrics::family::Family;
 use thread_local::ThreadLocal;
 
 use super::{AttemptLabels, ProxyBody, Refusal, escape_description};
+use crate::sidecar::MeshContext;
 use crate::upstream::{
     EndpointLabels, EndpointSpec, FailureKind, Outcome, PickGuard, Upstream, UpstreamConfig,
     UpstreamError, UpstreamMetrics,
@@ -68,6 +69,17 @@ pub(super) struct Pool {
 pub(super) enum Transport {
     Fixed(Fixed),
     Discovered(Discovered),
+    Mesh(Mesh),
+}
+
+/// A meshed service's sidecars, as the control plane lists them, over mutual TLS verified as
+/// the identity it names (a sidecar's outbound half, see [`crate::sidecar`]).
+pub(super) struct Mesh {
+    pub(super) service: String,
+    authority: Authority,
+    context: Arc<MeshContext>,
+    /// The configuration version whose endpoints the upstream holds (`u64::MAX`: none yet).
+    synced: AtomicU64,
 }
 
 pub(super) struct Fixed {
@@ -229,11 +241,54 @@ impl Pool {
         })
     }
 
+    /// A meshed service's sidecars; their endpoints come from the configuration in force.
+    pub(super) fn mesh(
+        name: String,
+        service: &str,
+        policy: &UpstreamConfig,
+        context: Arc<MeshContext>,
+        request_timeout: Duration,
+        upstream_metrics: &UpstreamMetrics,
+        metrics: &AttemptMetrics,
+    ) -> Result<Self, UpstreamError> {
+        let authority =
+            Authority::try_from(service).map_err(|err| UpstreamError::InvalidConfig {
+                upstream: name.clone(),
+                message: format!("{service} is not a host name: {err}"),
+            })?;
+        let upstream = Upstream::with_metrics(
+            name,
+            within(policy, request_timeout),
+            Vec::new(),
+            upstream_metrics.clone(),
+        )?;
+        Ok(Self {
+            upstream,
+            transport: Transport::Mesh(Mesh {
+                service: service.to_string(),
+                authority,
+                context,
+                synced: AtomicU64::new(u64::MAX),
+            }),
+            metrics: metrics.clone(),
+        })
+    }
+
     /// An endpoint for the next attempt. A discovered set that is due is resolved again in the
     /// background; one with no endpoint to give is resolved at once, then picked from again.
     pub(super) async fn pick(self: &Arc<Self>, headers: &HeaderMap) -> Result<PickGuard, String> {
-        let Transport::Discovered(discovered) = &self.transport else {
-            return self.upstream.pick(headers).map_err(|err| err.to_string());
+        let discovered = match &self.transport {
+            Transport::Discovered(discovered) => discovered,
+            Transport::Mesh(mesh) => {
+                mesh.sync(&self.upstream)?;
+                return self
+                    .upstream
+                    .pick(headers)
+                    .map_err(|err| format!("no sidecar of {} to call: {err}", mesh.service));
+            }
+            Transport::Fixed(_) => {
+                return self.upstream.pick(headers).map_err(|err| err.to_string());
+            }
         };
         if discovered.claim() {
             let pool = self.clone();
@@ -285,6 +340,7 @@ impl Pool {
                 discovered.authority.clone(),
                 http::Version::HTTP_2,
             ),
+            Transport::Mesh(mesh) => (Scheme::HTTPS, mesh.authority.clone(), http::Version::HTTP_2),
         };
         uri.scheme = Some(scheme);
         uri.authority = Some(authority);
@@ -318,6 +374,7 @@ impl Pool {
             Transport::Discovered(discovered) => {
                 discovered.send(endpoint.id(), addr, request, timeout).await
             }
+            Transport::Mesh(mesh) => mesh.send(endpoint.id(), addr, request, timeout).await,
         };
         let (outcome, counted) = match &sent {
             Ok(response) => {
@@ -358,7 +415,7 @@ impl Pool {
     pub(super) fn fixed_detail(&self, addr: SocketAddr) -> Option<&str> {
         match &self.transport {
             Transport::Fixed(fixed) => fixed.target(addr).map(|(_, _, detail)| detail.as_str()),
-            Transport::Discovered(_) => None,
+            Transport::Discovered(_) | Transport::Mesh(_) => None,
         }
     }
 }
@@ -506,36 +563,16 @@ impl Discovered {
                 }
             })
             .collect();
-        let current = upstream.endpoints();
-        let unchanged = current.len() == specs.len()
-            && current.iter().zip(&specs).all(|(endpoint, spec)| {
-                endpoint.id() == spec.id
-                    && endpoint.addr() == spec.addr
-                    && spec
-                        .health_addr
-                        .is_none_or(|addr| endpoint.health_addr() == addr)
-            });
-        if unchanged {
-            return;
-        }
-        let ids: Vec<&str> = specs.iter().map(|spec| spec.id.as_str()).collect();
-        match upstream.update(specs.clone()) {
-            Ok(()) => tracing::info!(
-                event = "upstream.endpoints",
-                upstream = upstream.name(),
-                service = %self.service,
-                endpoints = ?ids,
-                "discovered instances changed"
-            ),
-            Err(err) => {
-                tracing::error!(upstream = upstream.name(), error = %err, "discovered instances unusable")
-            }
-        }
+        replace_endpoints(
+            upstream,
+            specs,
+            &self.service,
+            "discovered instances changed",
+        );
     }
 
     /// One attempt over the instance's HTTP/2-over-TLS connection (opened if there is none).
-    /// Failures before the request went out give it back; a connection that failed is dropped
-    /// and, after a connect failure, the service resolved again soon.
+    /// After a connect failure, the service is resolved again soon.
     async fn send(
         &self,
         instance: &str,
@@ -546,56 +583,179 @@ impl Discovered {
         let connections = self
             .connections
             .get_or(|| self.client.connections().empty_like());
-        let unsent = |message: String, request| {
+        let target = Multiplexed {
+            connections,
+            server_name: &self.host,
+            service: &self.service,
+            instance,
+            addr,
+        };
+        send_multiplexed(target, request, timeout, || {
             self.client.discovery().forget_service(&self.service);
             self.due_ms.store(0, Ordering::Relaxed);
-            AttemptFailure {
-                kind: FailureKind::ConnectFailure,
-                refusal: Refusal::Status(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "upstream_unavailable",
-                    format!("cannot reach {} ({instance}): {message}", self.service),
-                ),
-                unsent: Some(request),
+        })
+        .await
+    }
+}
+
+impl Mesh {
+    /// Brings the upstream's endpoints to the configuration in force.
+    fn sync(&self, upstream: &Upstream) -> Result<(), String> {
+        let applied = self.context.applied()?;
+        if self.synced.swap(applied.version, Ordering::Relaxed) == applied.version {
+            return Ok(());
+        }
+        let specs = applied
+            .destinations
+            .get(&self.service)
+            .map(|destination| {
+                destination
+                    .endpoints
+                    .iter()
+                    .map(|(instance, addr)| EndpointSpec::new(instance.clone(), *addr))
+                    .collect()
+            })
+            .unwrap_or_default();
+        replace_endpoints(upstream, specs, &self.service, "mesh endpoints changed");
+        Ok(())
+    }
+
+    async fn send(
+        &self,
+        instance: &str,
+        addr: SocketAddr,
+        request: Request<ProxyBody>,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, AttemptFailure> {
+        let peers = match self
+            .context
+            .applied()
+            .and_then(|applied| self.context.peers(&self.service, &applied))
+        {
+            Ok(peers) => peers,
+            Err(message) => {
+                return Err(AttemptFailure {
+                    kind: FailureKind::ConnectFailure,
+                    refusal: Refusal::Status(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "upstream_unavailable",
+                        format!("cannot reach {} ({instance}): {message}", self.service),
+                    ),
+                    unsent: Some(request),
+                });
             }
         };
-        let attempt = async {
-            let mut sender = match connections.get(&self.host, addr).await {
-                Ok((sender, _)) => sender,
-                Err(err) => return Err(unsent(err.to_string(), request)),
-            };
-            if let Err(err) = sender.ready().await {
-                connections.discard(&self.host, addr);
-                return Err(unsent(format!("connection closed: {err}"), request));
-            }
-            match sender.try_send_request(request).await {
-                Ok(response) => Ok(response),
-                Err(mut err) => {
-                    if sender.is_closed() {
-                        connections.discard(&self.host, addr);
-                    }
-                    let message = error_chain(err.error());
-                    match err.take_message() {
-                        Some(request) => Err(unsent(message, request)),
-                        None => Err(AttemptFailure {
-                            kind: FailureKind::Other,
-                            refusal: Refusal::Status(
-                                StatusCode::BAD_GATEWAY,
-                                "upstream_unavailable",
-                                format!("{} ({instance}) failed: {message}", self.service),
-                            ),
-                            unsent: None,
-                        }),
-                    }
+        let target = Multiplexed {
+            connections: &peers.connections,
+            server_name: &self.service,
+            service: &self.service,
+            instance,
+            addr,
+        };
+        send_multiplexed(target, request, timeout, || {}).await
+    }
+}
+
+/// Replaces `upstream`'s endpoints with `specs` when they differ (endpoints that stay keep
+/// their state), and logs the new set.
+fn replace_endpoints(upstream: &Upstream, specs: Vec<EndpointSpec>, service: &str, what: &str) {
+    let current = upstream.endpoints();
+    let unchanged = current.len() == specs.len()
+        && current.iter().zip(&specs).all(|(endpoint, spec)| {
+            endpoint.id() == spec.id
+                && endpoint.addr() == spec.addr
+                && spec
+                    .health_addr
+                    .is_none_or(|addr| endpoint.health_addr() == addr)
+        });
+    if unchanged {
+        return;
+    }
+    let ids: Vec<&str> = specs.iter().map(|spec| spec.id.as_str()).collect();
+    match upstream.update(specs.clone()) {
+        Ok(()) => tracing::info!(
+            event = "upstream.endpoints",
+            upstream = upstream.name(),
+            %service,
+            endpoints = ?ids,
+            "{what}"
+        ),
+        Err(err) => {
+            tracing::error!(upstream = upstream.name(), error = %err, "endpoints unusable")
+        }
+    }
+}
+
+/// Where one attempt over a multiplexed HTTP/2-over-TLS connection goes.
+struct Multiplexed<'a> {
+    connections: &'a Connections,
+    /// What the connection is verified as.
+    server_name: &'a str,
+    service: &'a str,
+    instance: &'a str,
+    addr: SocketAddr,
+}
+
+/// One attempt over `target`'s connection (opened if there is none). Failures before the
+/// request went out give it back (after `on_unsent`); a connection that failed is dropped.
+async fn send_multiplexed(
+    target: Multiplexed<'_>,
+    request: Request<ProxyBody>,
+    timeout: Duration,
+    on_unsent: impl Fn(),
+) -> Result<Response<Incoming>, AttemptFailure> {
+    let Multiplexed {
+        connections,
+        server_name,
+        service,
+        instance,
+        addr,
+    } = target;
+    let unsent = |message: String, request| {
+        on_unsent();
+        AttemptFailure {
+            kind: FailureKind::ConnectFailure,
+            refusal: Refusal::Status(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream_unavailable",
+                format!("cannot reach {service} ({instance}): {message}"),
+            ),
+            unsent: Some(request),
+        }
+    };
+    let attempt = async {
+        let mut sender = match connections.get(server_name, addr).await {
+            Ok((sender, _)) => sender,
+            Err(err) => return Err(unsent(err.to_string(), request)),
+        };
+        if let Err(err) = sender.ready().await {
+            connections.discard(server_name, addr);
+            return Err(unsent(format!("connection closed: {err}"), request));
+        }
+        match sender.try_send_request(request).await {
+            Ok(response) => Ok(response),
+            Err(mut err) => {
+                if sender.is_closed() {
+                    connections.discard(server_name, addr);
+                }
+                let message = error_chain(err.error());
+                match err.take_message() {
+                    Some(request) => Err(unsent(message, request)),
+                    None => Err(AttemptFailure {
+                        kind: FailureKind::Other,
+                        refusal: Refusal::Status(
+                            StatusCode::BAD_GATEWAY,
+                            "upstream_unavailable",
+                            format!("{service} ({instance}) failed: {message}"),
+                        ),
+                        unsent: None,
+                    }),
                 }
             }
-        };
-        match tokio::time::timeout(timeout, attempt).await {
-            Ok(result) => result,
-            Err(_) => Err(timed_out(
-                format_args!("{} ({instance})", self.service),
-                timeout,
-            )),
         }
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(timed_out(format_args!("{service} ({instance})"), timeout)),
     }
 }
