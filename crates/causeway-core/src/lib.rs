@@ -4,6 +4,7 @@
 //! W3C trace context, `Server-Timing` hop reports, the registry's wire types, queue names and policies, and the HTTP serving
 //! loop with graceful shutdown and the admin endpoint.
 
+pub mod backoff;
 pub mod launch;
 pub mod principal;
 pub mod proxy_config;

@@ -349,6 +349,11 @@ pub struct RetryPolicy {
     /// Whether an idempotent request whose connection failed after it was sent (reset, closed
     /// by an instance that died) is retried, as nginx's `proxy_next_upstream error` does.
     pub retry_on_reset: bool,
+    /// The wait before the first retry (0: at once); each later wait doubles up to
+    /// `max_backoff_ms`, and each is jittered down to half so that callers do not retry in step
+    /// (Envoy's and the Gateway API's `retry.backoff`). Never past the deadline.
+    pub backoff_ms: u64,
+    pub max_backoff_ms: u64,
 }
 
 impl Default for RetryPolicy {
@@ -360,6 +365,8 @@ impl Default for RetryPolicy {
             retry_statuses: vec![StatusCode::SERVICE_UNAVAILABLE.as_u16()],
             retry_per_try_timeout: true,
             retry_on_reset: true,
+            backoff_ms: 0,
+            max_backoff_ms: 250,
         }
     }
 }
@@ -371,6 +378,11 @@ impl RetryPolicy {
 
     pub fn deadline(&self) -> Duration {
         Duration::from_millis(self.deadline_ms)
+    }
+
+    /// The longest wait before retry `retry` (1-based), before jitter.
+    pub fn backoff(&self, retry: u32) -> Duration {
+        crate::backoff::doubling(self.backoff_ms, self.max_backoff_ms, retry)
     }
 }
 

@@ -88,12 +88,7 @@ impl Default for QueuePolicy {
 impl QueuePolicy {
     /// The wait after failed attempt `attempt` (1-based) before the next one.
     pub fn backoff(&self, attempt: u32) -> Duration {
-        let doublings = attempt.saturating_sub(1).min(32);
-        let millis = self
-            .initial_backoff_ms
-            .saturating_mul(1u64 << doublings)
-            .min(self.max_backoff_ms.max(self.initial_backoff_ms));
-        Duration::from_millis(millis)
+        crate::backoff::doubling(self.initial_backoff_ms, self.max_backoff_ms, attempt)
     }
 
     /// Payloads are JSON documents of at most `max_payload_bytes`.

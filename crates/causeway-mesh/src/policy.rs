@@ -101,10 +101,11 @@ pub enum PathMatch {
 }
 
 impl PathMatch {
-    fn matches(&self, path: &str) -> bool {
+    /// Does `path` match? A prefix matches whole segments, as the Gateway API's `PathPrefix`
+    /// does: `/api` matches `/api` and `/api/x`, not `/apix`.
+    pub fn matches(&self, path: &str) -> bool {
         match self {
             Self::Exact(exact) => path == exact,
-            // A prefix matches whole segments, as the Gateway API's PathPrefix does.
             Self::Prefix(prefix) => {
                 let prefix = prefix.trim_end_matches('/');
                 prefix.is_empty()
@@ -113,6 +114,15 @@ impl PathMatch {
                         .strip_prefix(prefix)
                         .is_some_and(|rest| rest.starts_with('/'))
             }
+        }
+    }
+
+    /// Which of several matching rules wins, the greater first: an exact match over any
+    /// prefix, then the longest prefix (the Gateway API's precedence).
+    pub fn precedence(&self) -> (u8, usize) {
+        match self {
+            Self::Exact(exact) => (1, exact.len()),
+            Self::Prefix(prefix) => (0, prefix.trim_end_matches('/').len()),
         }
     }
 }
@@ -428,10 +438,7 @@ impl MeshPolicy {
             .get(service)?
             .iter()
             .filter(|rule| rule.path.matches(path))
-            .max_by_key(|rule| match &rule.path {
-                PathMatch::Exact(exact) => (1, exact.len()),
-                PathMatch::Prefix(prefix) => (0, prefix.len()),
-            })
+            .max_by_key(|rule| rule.path.precedence())
     }
 
     /// May `caller` (None: no mesh identity) call `method path` on `service`?

@@ -1028,6 +1028,7 @@ impl Gateway {
                         && session.after_failure(FailureKind::Status(status), true)
                             == RetryDecision::Retry
                     {
+                        back_off(&session).await;
                         continue;
                     }
                     let (mut parts, body) = response.into_parts();
@@ -1050,6 +1051,7 @@ impl Gateway {
             {
                 return Err(failure.refusal);
             }
+            back_off(&session).await;
         }
         Err(Refusal::Status(
             StatusCode::BAD_GATEWAY,
@@ -1240,6 +1242,14 @@ impl Gateway {
 }
 
 /// When the drain that has begun (or begins later) ends; never, if the gateway is gone.
+/// Waits out the retry's backoff, if its policy has one (no timer otherwise).
+async fn back_off(session: &crate::upstream::RetrySession<'_>) {
+    let wait = session.backoff();
+    if !wait.is_zero() {
+        tokio::time::sleep(wait).await;
+    }
+}
+
 async fn drain_deadline(
     draining: &mut tokio::sync::watch::Receiver<Option<tokio::time::Instant>>,
 ) -> tokio::time::Instant {

@@ -8,6 +8,7 @@
 use std::path::PathBuf;
 
 use causeway_core::topology::RouteConfig;
+use causeway_mesh::policy::PathMatch;
 
 use crate::ingress::{IngressError, IngressRoutes};
 
@@ -19,9 +20,10 @@ pub struct RouteTable {
 enum Matcher {
     /// Indexes into `routes`, longest prefix first.
     Prefix(Vec<usize>),
-    /// By the host's first label (a service name, as a mesh sidecar's app calls it), then the
-    /// longest prefix.
-    Host(std::collections::HashMap<String, Vec<usize>>),
+    /// By the host's first label (a service name, as a mesh sidecar's app calls it), then by
+    /// path as the Gateway API matches it: each host's routes in order of precedence (exact
+    /// paths, then the longest segment-wise prefix).
+    Host(std::collections::HashMap<String, Vec<(PathMatch, usize)>>),
     /// The Ingress table, and each Ingress route's index in `routes` by its id.
     Ingress {
         table: Box<IngressRoutes>,
@@ -42,15 +44,19 @@ impl RouteTable {
     }
 
     /// Routes per host: a request to `order-service`, `order-service:80` or
-    /// `order-service.mesh` takes the longest matching prefix among that host's routes.
-    pub fn by_host(hosts: Vec<(String, Vec<RouteConfig>)>) -> Self {
+    /// `order-service.mesh` takes the first of that host's routes whose path matches, exact
+    /// paths first, then the longest prefix (matched by whole segments).
+    pub fn by_host(hosts: Vec<(String, Vec<(PathMatch, RouteConfig)>)>) -> Self {
         let mut routes = Vec::new();
         let mut by_host = std::collections::HashMap::new();
         for (host, host_routes) in hosts {
-            let start = routes.len();
-            routes.extend(host_routes);
-            let mut order: Vec<usize> = (start..routes.len()).collect();
-            order.sort_by_key(|&index| std::cmp::Reverse(routes[index].prefix.len()));
+            let mut order = Vec::with_capacity(host_routes.len());
+            for (path, route) in host_routes {
+                order.push((path, routes.len()));
+                routes.push(route);
+            }
+            // Stable: among equal paths the first listed wins.
+            order.sort_by_key(|(path, _)| std::cmp::Reverse(path.precedence()));
             by_host.insert(host, order);
         }
         Self {
@@ -118,8 +124,8 @@ impl RouteTable {
                 by_host
                     .get(name)?
                     .iter()
-                    .copied()
-                    .find(|&index| path.starts_with(&self.routes[index].prefix))
+                    .find(|(pattern, _)| pattern.matches(path))
+                    .map(|&(_, index)| index)
             }
             Matcher::Ingress { table, index } => table
                 .lookup_route(host, path)
@@ -169,6 +175,53 @@ mod tests {
         assert_eq!(service("/index.html"), Some("web"));
         let no_root = RouteTable::from_routes(vec![route("/api/", "api")]);
         assert_eq!(no_root.lookup(None, "/other"), None);
+    }
+
+    #[test]
+    fn mesh_hosts_match_exact_paths_first_then_whole_segment_prefixes() {
+        let exact = |path: &str| PathMatch::Exact(path.into());
+        let prefix = |path: &str| PathMatch::Prefix(path.into());
+        let table = RouteTable::by_host(vec![
+            (
+                "order-service".into(),
+                vec![
+                    (prefix("/"), route("/", "catch-all")),
+                    (prefix("/orders"), route("/orders", "orders-prefix")),
+                    (
+                        exact("/orders/1/paid"),
+                        route("/orders/1/paid", "paid-exact"),
+                    ),
+                ],
+            ),
+            (
+                "user-service".into(),
+                vec![(prefix("/users/"), route("/users/", "users"))],
+            ),
+        ]);
+        let service = |host: &str, path: &str| {
+            table
+                .lookup(Some(host), path)
+                .map(|index| table.routes()[index].service.as_str())
+        };
+        assert_eq!(
+            service("order-service", "/orders/1/paid"),
+            Some("paid-exact")
+        );
+        // An exact path is not a prefix of a longer one.
+        assert_eq!(
+            service("order-service", "/orders/1/paid/x"),
+            Some("orders-prefix")
+        );
+        assert_eq!(
+            service("order-service:80", "/orders"),
+            Some("orders-prefix")
+        );
+        // A prefix matches whole segments only.
+        assert_eq!(service("order-service.mesh", "/ordersx"), Some("catch-all"));
+        assert_eq!(service("user-service", "/users"), Some("users"));
+        assert_eq!(service("user-service", "/usersx"), None);
+        assert_eq!(service("payment-service", "/orders"), None);
+        assert_eq!(table.lookup(None, "/orders"), None);
     }
 
     #[test]

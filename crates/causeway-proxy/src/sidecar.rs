@@ -129,34 +129,45 @@ impl MeshContext {
 pub fn outbound_routes(applied: &Applied) -> RouteTable {
     let mut hosts = Vec::new();
     for service in applied.destinations.keys() {
-        let mut routes: Vec<RouteConfig> = applied
+        let mut routes: Vec<(PathMatch, RouteConfig)> = applied
             .policy
             .routes_of(service)
             .iter()
-            .map(|rule| RouteConfig {
-                prefix: match &rule.path {
-                    PathMatch::Exact(path) | PathMatch::Prefix(path) => path.clone(),
-                },
-                service: service.clone(),
-                strip_prefix: None,
-                auth: false,
-                upstream: None,
-                policy: route_policy(rule),
+            .map(|rule| {
+                let route = mesh_route(service, &rule.path, route_policy(rule));
+                (rule.path.clone(), route)
             })
             .collect();
-        if !routes.iter().any(|route| route.prefix == "/") {
-            routes.push(RouteConfig {
-                prefix: "/".into(),
-                service: service.clone(),
-                strip_prefix: None,
-                auth: false,
-                upstream: None,
-                policy: route_policy_default(),
-            });
+        let catch_all = PathMatch::Prefix("/".into());
+        if !routes
+            .iter()
+            .any(|(path, _)| path.precedence() == catch_all.precedence())
+        {
+            let route = mesh_route(service, &catch_all, route_policy_default());
+            routes.push((catch_all, route));
         }
         hosts.push((service.clone(), routes));
     }
     RouteTable::by_host(hosts)
+}
+
+/// A route to a meshed service; `prefix` carries the rule's path for logs and metrics, the
+/// match itself is the [`PathMatch`].
+fn mesh_route(
+    service: &str,
+    path: &PathMatch,
+    policy: causeway_core::proxy_config::UpstreamConfig,
+) -> RouteConfig {
+    RouteConfig {
+        prefix: match path {
+            PathMatch::Exact(path) | PathMatch::Prefix(path) => path.clone(),
+        },
+        service: service.to_string(),
+        strip_prefix: None,
+        auth: false,
+        upstream: None,
+        policy,
+    }
 }
 
 /// The engine's policy for a destination without an `HTTPRoute` rule: least request, circuit
@@ -184,6 +195,7 @@ fn route_policy(rule: &RouteRule) -> causeway_core::proxy_config::UpstreamConfig
         policy.retry.per_try_timeout_ms = timeout.as_millis() as u64;
     }
     policy.retry.max_retries = rule.retries;
+    policy.retry.backoff_ms = rule.retry_backoff.as_millis() as u64;
     if !rule.retry_codes.is_empty() {
         policy.retry.retry_statuses = rule.retry_codes.clone();
     }

@@ -675,3 +675,62 @@ async fn a_failing_instance_is_retried_around_only_for_safe_calls_and_its_circui
     );
     assert_eq!(unavailable, failing.hits.load(Ordering::SeqCst));
 }
+
+#[test]
+fn outbound_routes_follow_httproute_paths_and_carry_their_timeouts_and_backoff() {
+    let policy = format!(
+        "{POLICY}---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{ name: order-service }}
+spec:
+  parentRefs: [{{ kind: Service, name: order-service }}]
+  rules:
+    - matches: [{{ path: {{ type: PathPrefix, value: /orders }} }}]
+      timeouts: {{ request: 2s, backendRequest: 500ms }}
+      retry: {{ attempts: 3, backoff: 40ms, codes: [503] }}
+    - matches: [{{ path: {{ type: Exact, value: /orders/export }} }}]
+      timeouts: {{ request: 30s }}
+"
+    );
+    let config = pb::MeshConfig {
+        version: 1,
+        policy_file: "mesh-policy.yaml".into(),
+        policy_yaml: policy,
+        destinations: vec![pb::Destination {
+            service: "order-service".into(),
+            spiffe_id: spiffe("order-service").to_string(),
+            endpoints: vec![pb::MeshEndpoint {
+                instance: "order-service-1".into(),
+                addr: "127.0.0.1:1".into(),
+            }],
+        }],
+    };
+    let applied = Applied::from_config(&config, TRUST_DOMAIN).expect("valid configuration");
+    let table = outbound_routes(&applied);
+    let route = |path: &str| {
+        table
+            .lookup(Some("order-service"), path)
+            .map(|index| &table.routes()[index])
+    };
+
+    let orders = route("/orders/7/paid").expect("the prefix rule");
+    assert_eq!(orders.prefix, "/orders");
+    assert_eq!(orders.policy.retry.deadline_ms, 2_000);
+    assert_eq!(orders.policy.retry.per_try_timeout_ms, 500);
+    assert_eq!(orders.policy.retry.max_retries, 3);
+    assert_eq!(orders.policy.retry.backoff_ms, 40);
+    assert_eq!(orders.policy.retry.retry_statuses, [503]);
+
+    let export = route("/orders/export").expect("the exact rule");
+    assert_eq!(export.policy.retry.deadline_ms, 30_000);
+    // An exact path does not cover what lies under it, nor a prefix a longer segment.
+    assert_eq!(
+        route("/orders/export/2026").map(|r| r.prefix.as_str()),
+        Some("/orders")
+    );
+    let other = route("/ordersx").expect("the catch-all");
+    assert_eq!(other.prefix, "/");
+    assert_eq!(other.policy, route_policy_default());
+    assert!(table.lookup(Some("user-service"), "/orders").is_none());
+}

@@ -296,6 +296,28 @@ impl<'a> RetrySession<'a> {
         )
     }
 
+    /// How long to wait before the retry [`after_failure`](Self::after_failure) just allowed:
+    /// the policy's doubling backoff, jittered into its upper half, cut to what is left of the
+    /// deadline; zero when the policy has no backoff.
+    pub fn backoff_at(&self, now: Instant, jitter: f64) -> Duration {
+        let full = self.policy.backoff(self.retries);
+        if full.is_zero() {
+            return full;
+        }
+        let jittered = full.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0));
+        let left = self
+            .policy
+            .deadline()
+            .saturating_sub(now.saturating_duration_since(self.started));
+        jittered.min(left)
+    }
+
+    /// [`backoff_at`](Self::backoff_at) now, with random jitter.
+    pub fn backoff(&self) -> Duration {
+        use rand::Rng;
+        self.backoff_at(Instant::now(), rand::rng().random::<f64>())
+    }
+
     pub fn after_failure(&mut self, failure: FailureKind, bytes_sent: bool) -> RetryDecision {
         self.after_failure_at(failure, bytes_sent, Instant::now())
     }
@@ -502,6 +524,39 @@ mod tests {
             "the key makes a retry safe, not every failure retryable"
         );
         assert_eq!(keyed.retries(), 1);
+    }
+
+    #[test]
+    fn retries_back_off_doubling_with_jitter_and_never_past_the_deadline() {
+        let policy = RetryPolicy {
+            max_retries: 5,
+            deadline_ms: 1000,
+            backoff_ms: 100,
+            max_backoff_ms: 300,
+            ..RetryPolicy::default()
+        };
+        let (budget, t0) = budget(1.0, 100);
+        let mut session = RetrySession::starting_at(&policy, &budget, Method::GET, t0);
+        let mut waits = Vec::new();
+        for _ in 0..4 {
+            assert_eq!(
+                session.after_failure_at(FailureKind::ConnectFailure, false, t0),
+                RetryDecision::Retry
+            );
+            let longest = session.backoff_at(t0, 1.0);
+            let shortest = session.backoff_at(t0, 0.0);
+            assert_eq!(shortest, longest / 2, "jitter stays in the upper half");
+            waits.push(longest.as_millis() as u64);
+        }
+        assert_eq!(waits, [100, 200, 300, 300]);
+        // 950 ms into a 1 s deadline, the wait is what is left.
+        let late = t0 + Duration::from_millis(950);
+        assert_eq!(session.backoff_at(late, 1.0), Duration::from_millis(50));
+
+        let immediate = RetryPolicy::default();
+        let mut at_once = RetrySession::starting_at(&immediate, &budget, Method::GET, t0);
+        at_once.after_failure_at(FailureKind::ConnectFailure, false, t0);
+        assert_eq!(at_once.backoff_at(t0, 1.0), Duration::ZERO);
     }
 
     #[test]
