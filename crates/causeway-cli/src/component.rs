@@ -86,6 +86,12 @@ async fn run() -> anyhow::Result<()> {
             let app = causeway_services::order::app(&deps).await?;
             start_http_service(&launch, metrics, app, shutdown).await?
         }
+        Role::PaymentService => {
+            let client = Arc::new(service_client(&launch, &mut metrics)?);
+            let deps = service_deps(&launch, metrics.http_server());
+            let app = causeway_services::payment::app(&deps, client).await?;
+            start_http_service(&launch, metrics, app, shutdown).await?
+        }
         Role::PricingService => {
             // A gRPC server: its metrics are per method and status code, not HTTP routes.
             let deps = service_deps(&launch, HttpMetrics::default());

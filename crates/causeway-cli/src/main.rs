@@ -491,6 +491,7 @@ fn apply_overrides(topology: &mut Topology, args: UpArgs) {
         for service in [
             &mut topology.user_service,
             &mut topology.order_service,
+            &mut topology.payment_service,
             &mut topology.pricing_service,
             &mut topology.inventory_service,
             &mut topology.email_service,

@@ -136,9 +136,9 @@ async fn rest_request_travels_every_hop_and_comes_back() {
     let status = system.status_json();
     assert_eq!(status["running"], true, "{status}");
     let components = status["components"].as_array().expect("components");
-    // discovery, broker, 3 order, 2 pricing, user, inventory, notification, email,
+    // discovery, broker, 3 order, payment, 2 pricing, user, inventory, notification, email,
     // 2 reverse proxies, load balancer.
-    assert_eq!(components.len(), 14, "{status}");
+    assert_eq!(components.len(), 15, "{status}");
     for component in components {
         assert_eq!(component["health"], "up", "{component}");
         assert!(component["pid"].as_u64().is_some(), "{component}");
@@ -489,13 +489,18 @@ async fn a_killed_order_instance_costs_no_request_and_rejoins() {
     assert!(served.is_some(), "{victim} serves requests again");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_hung_order_service_gives_a_bounded_503() {
+/// One Order Service instance, called with short timeouts: for tests that stop it.
+fn one_order_instance_quick_timeouts() -> causeway_core::Topology {
     let mut topology = test_topology();
     topology.order_service.instances = 1;
     topology.client.attempt_timeout_ms = 400;
     topology.client.deadline_ms = 1200;
-    let system = System::start(topology);
+    topology
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hung_order_service_gives_a_bounded_503() {
+    let system = System::start(one_order_instance_quick_timeouts());
     let token = system.token("123", 300);
     let pid = system.pid_of("order-service-1").expect("pid");
     signal(pid, Signal::SIGSTOP);
@@ -532,7 +537,7 @@ async fn stopping_is_quick_and_leaves_nothing_behind() {
     let mut system = System::start(test_topology());
     let running = harness::processes_using(system.data_dir());
     // Every component of the topology (see rest_request_travels_every_hop_and_comes_back).
-    assert_eq!(running.len(), 14, "{running:?}");
+    assert_eq!(running.len(), 15, "{running:?}");
     let took = system.stop();
     assert!(took < Duration::from_secs(5), "stopped in {took:?}");
     assert!(harness::processes_using(system.data_dir()).is_empty());
@@ -914,28 +919,196 @@ async fn grpc_health_and_reflection_work_through_the_edge() {
 }
 
 /// Sends an email through the edge as user 123; returns the status and Email Service's answer.
+/// `POST /api/payments` with `key` as its Idempotency-Key.
+async fn pay(
+    system: &System,
+    token: &str,
+    key: Option<&str>,
+    body: serde_json::Value,
+) -> (StatusCode, HeaderMap, serde_json::Value) {
+    let mut headers = HeaderMap::new();
+    if let Some(key) = key {
+        headers.insert("idempotency-key", HeaderValue::from_str(key).unwrap());
+    }
+    let response = system
+        .post_json("/api/payments", token, headers, &body)
+        .await;
+    let json = response.json().expect("Payment Service answers JSON");
+    (response.status, response.headers, json)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_payment_marks_its_order_paid_once_whatever_is_repeated() {
+    let system = System::start(test_topology());
+    // The debug scope lets the edge pass the hops' Server-Timing on.
+    let token = system.scoped_token("123", &["debug"], 300);
+    let order_1 = serde_json::json!({"orderId": 1, "userId": 123, "amount": 19.99});
+
+    let (status, headers, first) = pay(&system, &token, Some("checkout-1"), order_1.clone()).await;
+    assert_eq!(status, StatusCode::CREATED, "{first}");
+    assert_eq!(first["status"], "paid", "{first}");
+    assert_eq!(first["amount"], 19.99, "{first}");
+    assert!(
+        first["orderInstance"]
+            .as_str()
+            .is_some_and(|instance| instance.starts_with("order-service-")),
+        "{first}"
+    );
+    let timing: Vec<&str> = headers
+        .get_all("server-timing")
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .collect();
+    for step in ["payment-service", "order-service", "upstream"] {
+        assert!(
+            timing.iter().any(|entry| entry.starts_with(step)),
+            "{step}: {timing:?}"
+        );
+    }
+    let payment_id = first["paymentId"]
+        .as_str()
+        .expect("a payment id")
+        .to_string();
+
+    // The same request again: the stored payment, not a second one.
+    let (status, headers, again) = pay(&system, &token, Some("checkout-1"), order_1.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(again["paymentId"], payment_id.as_str(), "{again}");
+    assert_eq!(
+        headers.get("idempotent-replayed").map(|v| v.as_bytes()),
+        Some(&b"true"[..])
+    );
+
+    // The same key for another request is refused, naming the payment it belongs to.
+    let other_amount = serde_json::json!({"orderId": 1, "userId": 123, "amount": 5});
+    let (status, _, reused) = pay(&system, &token, Some("checkout-1"), other_amount).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{reused}");
+    assert_eq!(reused["error"], "idempotency_key_reused", "{reused}");
+    assert!(
+        reused["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&payment_id),
+        "{reused}"
+    );
+
+    // A second payment for the paid order: Order Service refuses it and the payment says why.
+    let (status, _, second) = pay(&system, &token, Some("checkout-2"), order_1.clone()).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{second}");
+    assert_eq!(second["status"], "rejected", "{second}");
+    assert!(
+        second["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("order_already_paid"),
+        "{second}"
+    );
+
+    // Another user's order, and paying as someone else, are refused.
+    let (status, _, foreign) = pay(
+        &system,
+        &token,
+        None,
+        serde_json::json!({"orderId": 3, "userId": 123, "amount": 1}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{foreign}");
+    assert!(
+        foreign["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("403"),
+        "{foreign}"
+    );
+    let other_user = system.token("124", 300);
+    let (status, _, forbidden) = pay(&system, &other_user, None, order_1.clone()).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{forbidden}");
+
+    // Bad input gets a 400 that says what is wrong.
+    for (body, mentions) in [
+        (serde_json::json!({"orderId": 2, "userId": 123}), "amount"),
+        (
+            serde_json::json!({"orderId": 2, "userId": 123, "amount": -1}),
+            "positive",
+        ),
+        (
+            serde_json::json!({"orderId": 2, "userId": 123, "amount": 1.005}),
+            "two decimals",
+        ),
+        (
+            serde_json::json!({"orderId": "two", "userId": 123, "amount": 1}),
+            "orderId",
+        ),
+    ] {
+        let (status, _, refused) = pay(&system, &token, None, body.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {refused}");
+        assert!(
+            refused["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(mentions),
+            "{body}: {refused}"
+        );
+    }
+
+    // Read back: paid, and only user 123 (or an admin) may see it.
+    let path = format!("/api/payments/{payment_id}");
+    let response = system.get(&path, Some(&token)).await;
+    assert_eq!(response.status, StatusCode::OK);
+    let stored = response.json().expect("json");
+    assert_eq!(stored["status"], "paid", "{stored}");
+    assert_eq!(stored["orderId"], 1, "{stored}");
+    let response = system.get(&path, Some(&other_user)).await;
+    assert_eq!(response.status, StatusCode::FORBIDDEN);
+    let response = system.get("/api/payments/pay_unknown", Some(&token)).await;
+    assert_eq!(response.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_payment_whose_order_service_is_down_is_kept_and_completed_by_a_repeat() {
+    let system = System::start(one_order_instance_quick_timeouts());
+    let token = system.token("123", 300);
+    let order_2 = serde_json::json!({"orderId": 2, "userId": 123, "amount": 42.5});
+    let pid = system.pid_of("order-service-1").expect("pid");
+    signal(pid, Signal::SIGSTOP);
+
+    let (status, headers, pending) = pay(&system, &token, Some("pay-2"), order_2.clone()).await;
+    signal(pid, Signal::SIGCONT);
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{pending}");
+    assert_eq!(pending["status"], "pending", "{pending}");
+    assert!(headers.contains_key(header::RETRY_AFTER));
+    assert!(
+        pending["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("same Idempotency-Key"),
+        "{pending}"
+    );
+    let payment_id = pending["paymentId"].as_str().expect("an id").to_string();
+
+    // Once Order Service answers again, the repeat completes the same payment.
+    let completed = eventually(Duration::from_secs(10), async || {
+        let (status, _, body) = pay(&system, &token, Some("pay-2"), order_2.clone()).await;
+        (status != StatusCode::SERVICE_UNAVAILABLE).then_some((status, body))
+    })
+    .await;
+    let (status, paid) = completed.expect("Order Service answers again");
+    assert_eq!(status, StatusCode::CREATED, "{paid}");
+    assert_eq!(paid["status"], "paid", "{paid}");
+    assert_eq!(paid["paymentId"], payment_id.as_str(), "{paid}");
+    let (status, headers, again) = pay(&system, &token, Some("pay-2"), order_2).await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert!(headers.contains_key("idempotent-replayed"));
+}
+
 async fn send_email(
     system: &System,
     token: &str,
     fail_notification: bool,
 ) -> (StatusCode, serde_json::Value) {
-    let mut headers = HeaderMap::new();
-    headers.insert(
-        header::AUTHORIZATION,
-        HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
-    );
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
     let body = serde_json::json!({"userId": 123, "failNotification": fail_notification});
     let response = system
-        .request(
-            Method::POST,
-            "/api/emails",
-            headers,
-            Bytes::from(body.to_string()),
-        )
+        .post_json("/api/emails", token, HeaderMap::new(), &body)
         .await;
     let json = response.json().expect("Email Service answers JSON");
     (response.status, json)

@@ -457,7 +457,9 @@ impl ServiceClient {
     ) -> Result<Response<Incoming>, CallError> {
         let (parts, body) = request.into_parts();
         let (host, uri, headers) = self.prepare(service, &parts, trace)?;
-        let idempotent = is_idempotent(&parts.method);
+        // A key makes a repeat safe for any method: the receiver answers it as the first.
+        let idempotent =
+            is_idempotent(&parts.method) || parts.headers.contains_key(IDEMPOTENCY_KEY);
 
         let resolution = self.discovery.resolve(service).await?;
         let endpoints = resolution.endpoints.clone();
@@ -617,6 +619,11 @@ fn build_request(
     *request.version_mut() = http::Version::HTTP_2;
     request
 }
+
+/// The header with which a caller makes a non-idempotent request safe to repeat (the IETF
+/// draft `Idempotency-Key`, as Stripe uses it): the client library and the proxy engine retry
+/// a POST or PATCH only when it carries one.
+pub const IDEMPOTENCY_KEY: header::HeaderName = header::HeaderName::from_static("idempotency-key");
 
 /// Methods whose repetition has the same effect as one request (RFC 9110 §9.2.2).
 pub fn is_idempotent(method: &Method) -> bool {

@@ -12,5 +12,7 @@ pub mod grpc;
 pub mod plain_http;
 pub mod registration;
 
-pub use client::{Attempt, CallError, CallOptions, CallReport, ClientSettings, ServiceClient};
+pub use client::{
+    Attempt, CallError, CallOptions, CallReport, ClientSettings, IDEMPOTENCY_KEY, ServiceClient,
+};
 pub use discovery::{Discovery, Endpoint, Resolution, ResolveError};

@@ -39,6 +39,7 @@ pub enum Role {
     ReverseProxy,
     UserService,
     OrderService,
+    PaymentService,
     PricingService,
     InventoryService,
     Broker,
@@ -48,10 +49,11 @@ pub enum Role {
 
 impl Role {
     /// In start order: discovery first (everyone registers with it), the edge last.
-    pub const ALL: [Role; 10] = [
+    pub const ALL: [Role; 11] = [
         Role::Discovery,
         Role::Broker,
         Role::OrderService,
+        Role::PaymentService,
         Role::PricingService,
         Role::UserService,
         Role::InventoryService,
@@ -69,6 +71,7 @@ impl Role {
             Role::ReverseProxy => "reverse-proxy",
             Role::UserService => "user-service",
             Role::OrderService => "order-service",
+            Role::PaymentService => "payment-service",
             Role::PricingService => "pricing-service",
             Role::InventoryService => "inventory-service",
             Role::Broker => "broker",
@@ -104,6 +107,8 @@ pub struct Topology {
     pub reverse_proxy: ReverseProxyConfig,
     pub user_service: ServiceConfig,
     pub order_service: ServiceConfig,
+    /// `POST /payments`, which has Order Service mark the order paid (the mesh's scenario).
+    pub payment_service: ServiceConfig,
     /// gRPC `pricing.v1.PricingService`.
     pub pricing_service: ServiceConfig,
     pub inventory_service: ServiceConfig,
@@ -126,6 +131,7 @@ impl Default for Topology {
             reverse_proxy: ReverseProxyConfig::default(),
             user_service: ServiceConfig::with_instances(1),
             order_service: ServiceConfig::with_instances(3),
+            payment_service: ServiceConfig::with_instances(1),
             pricing_service: ServiceConfig::with_instances(2),
             inventory_service: ServiceConfig::with_instances(1),
             email_service: ServiceConfig::with_instances(1),
@@ -305,6 +311,14 @@ impl Default for ReverseProxyConfig {
                 RouteConfig {
                     prefix: "/api/inventory/".into(),
                     service: Role::InventoryService.name().into(),
+                    strip_prefix: Some("/api".into()),
+                    auth: true,
+                    upstream: None,
+                    policy: service_route_policy(),
+                },
+                RouteConfig {
+                    prefix: "/api/payments".into(),
+                    service: Role::PaymentService.name().into(),
                     strip_prefix: Some("/api".into()),
                     auth: true,
                     upstream: None,
@@ -732,6 +746,7 @@ impl Topology {
             Role::ReverseProxy => self.reverse_proxy.instances,
             Role::UserService => self.user_service.instances,
             Role::OrderService => self.order_service.instances,
+            Role::PaymentService => self.payment_service.instances,
             Role::PricingService => self.pricing_service.instances,
             Role::InventoryService => self.inventory_service.instances,
             Role::EmailService => self.email_service.instances,
@@ -745,6 +760,7 @@ impl Topology {
         match role {
             Role::UserService => Some(&self.user_service),
             Role::OrderService => Some(&self.order_service),
+            Role::PaymentService => Some(&self.payment_service),
             Role::PricingService => Some(&self.pricing_service),
             Role::InventoryService => Some(&self.inventory_service),
             Role::EmailService => Some(&self.email_service),
@@ -759,6 +775,7 @@ impl Topology {
             Role::ReverseProxy,
             Role::UserService,
             Role::OrderService,
+            Role::PaymentService,
             Role::PricingService,
             Role::InventoryService,
             Role::EmailService,

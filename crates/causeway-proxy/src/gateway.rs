@@ -57,6 +57,7 @@ use crate::upstream::{FailureKind, RetryDecision, UpstreamConfig, UpstreamMetric
 
 mod pool;
 
+use causeway_client::IDEMPOTENCY_KEY;
 use pool::{AttemptMetrics, Pool, Transport};
 
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
@@ -65,9 +66,6 @@ pub type ProxyBody = BoxBody<Bytes, BoxError>;
 pub use causeway_core::principal::AUTHENTICATED_SUBJECT;
 /// This proxy's name in `Via` (a pseudonym: instance names stay internal).
 const VIA_NAME: &str = "causeway";
-/// A client that sends one makes its request safe to repeat (IETF httpapi Idempotency-Key), so a
-/// POST that carries it is retried like a GET.
-const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 pub struct Gateway {
     instance: String,

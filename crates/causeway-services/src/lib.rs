@@ -1,6 +1,6 @@
 //! The example microservices Causeway's scenarios are built from, each an axum application with
 //! its own database (SQLite in the data dir by default, PostgreSQL when `database_url` says so):
-//! Order Service answers `GET /orders?userId=`, and User Service answers
+//! Order Service answers `GET /orders?userId=` (and `POST /orders/{id}/paid`), and User Service answers
 //! `GET /users/{id}/orders` by reading the user from its own database and fetching the orders
 //! from Order Service through the shared client library. Pricing Service serves gRPC, which
 //! Inventory Service calls. Email Service publishes to the notification queue (through a
@@ -14,6 +14,7 @@ pub mod http;
 pub mod inventory;
 pub mod notification;
 pub mod order;
+pub mod payment;
 pub mod pricing;
 pub mod user;
 

@@ -1,10 +1,13 @@
-//! Order Service: `GET /orders?userId=123` lists a user's orders from its database.
+//! Order Service: `GET /orders?userId=123` lists a user's orders from its database, and
+//! `POST /orders/{id}/paid` (Payment Service's call through the mesh) marks an order paid by a
+//! payment, idempotently: the same payment again is answered as the first time, another
+//! payment for a paid order is a 409.
 
 use std::time::Instant;
 
-use axum::extract::{Query, State};
+use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use causeway_core::server_timing::{self, TimingEntry, steps};
 use causeway_core::trace_context::TraceContext;
@@ -34,6 +37,12 @@ const SCHEMA_AND_SEED: &[&str] = &[
         quantity BIGINT NOT NULL
     )",
     "CREATE INDEX IF NOT EXISTS orders_by_user ON orders (user_id)",
+    // One row per paid order: the key makes a second, different payment visible as a conflict.
+    "CREATE TABLE IF NOT EXISTS order_payments (
+        order_id BIGINT PRIMARY KEY,
+        payment_id TEXT NOT NULL,
+        paid_at_ms BIGINT NOT NULL
+    )",
     "INSERT INTO orders (order_id, user_id, item, quantity) VALUES
         (1, 123, 'Book', 1),
         (2, 123, 'Fountain pen', 3),
@@ -63,7 +72,9 @@ pub async fn app(deps: &ServiceDeps) -> Result<Router, ServiceError> {
         instance: deps.instance.clone(),
         db,
     };
-    let routes = Router::new().route("/orders", get(list_orders));
+    let routes = Router::new()
+        .route("/orders", get(list_orders))
+        .route("/orders/{id}/paid", post(mark_paid));
     Ok(service_api(routes, state, &deps.http_metrics))
 }
 
@@ -130,4 +141,131 @@ async fn list_orders(
         ),
     );
     Ok((StatusCode::OK, headers, Json(orders)).into_response())
+}
+
+/// `POST /orders/{id}/paid`'s body.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MarkPaid {
+    pub payment_id: String,
+}
+
+/// What `POST /orders/{id}/paid` answers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderPaid {
+    pub order_id: i64,
+    pub payment_id: String,
+    pub paid_at_ms: i64,
+    /// True when this payment had marked the order paid before (a repeated call).
+    pub already_paid: bool,
+    pub instance: String,
+}
+
+async fn mark_paid(
+    State(state): State<OrderState>,
+    Extension(trace): Extension<TraceContext>,
+    caller: Caller,
+    Path(raw_id): Path<String>,
+    body: bytes::Bytes,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let fail =
+        |status, code, message: String| ApiError::new(status, code, message).for_request(&trace);
+    let order_id: i64 = raw_id.parse().map_err(|_| {
+        fail(
+            StatusCode::BAD_REQUEST,
+            "invalid_order_id",
+            format!("order id must be an integer, not {raw_id:?}"),
+        )
+    })?;
+    let request: MarkPaid = serde_json::from_slice(&body).map_err(|err| {
+        fail(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            format!("expected {{\"paymentId\": \"...\"}}: {err}"),
+        )
+    })?;
+    if request.payment_id.is_empty() || request.payment_id.len() > 128 {
+        return Err(fail(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            "paymentId must be 1 to 128 characters".into(),
+        ));
+    }
+    let unavailable = |doing: &str, err: &sqlx::Error| {
+        ApiError::database_unavailable(&state.instance, doing, err).for_request(&trace)
+    };
+    let owner: i64 = sqlx::query("SELECT user_id FROM orders WHERE order_id = $1")
+        .bind(order_id)
+        .fetch_optional(&state.db.pool)
+        .await
+        .map_err(|err| unavailable("read orders", &err))?
+        .ok_or_else(|| {
+            fail(
+                StatusCode::NOT_FOUND,
+                "order_not_found",
+                format!("no order with id {order_id}"),
+            )
+        })?
+        .try_get("user_id")
+        .map_err(|err| ApiError::bad_row(&err).for_request(&trace))?;
+    caller.may_act_for_user(owner)?;
+
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis() as i64);
+    let inserted = sqlx::query(
+        "INSERT INTO order_payments (order_id, payment_id, paid_at_ms) VALUES ($1, $2, $3)
+         ON CONFLICT (order_id) DO NOTHING",
+    )
+    .bind(order_id)
+    .bind(&request.payment_id)
+    .bind(now_ms)
+    .execute(&state.db.pool)
+    .await
+    .map_err(|err| unavailable("record the payment", &err))?
+    .rows_affected();
+    let row = sqlx::query("SELECT payment_id, paid_at_ms FROM order_payments WHERE order_id = $1")
+        .bind(order_id)
+        .fetch_one(&state.db.pool)
+        .await
+        .map_err(|err| unavailable("read the payment", &err))?;
+    let (paid_by, paid_at_ms): (String, i64) =
+        (|| Ok((row.try_get("payment_id")?, row.try_get("paid_at_ms")?)))()
+            .map_err(|err: sqlx::Error| ApiError::bad_row(&err).for_request(&trace))?;
+    if paid_by != request.payment_id {
+        return Err(fail(
+            StatusCode::CONFLICT,
+            "order_already_paid",
+            format!(
+                "order {order_id} was paid by payment {paid_by}, not {}",
+                request.payment_id
+            ),
+        ));
+    }
+    tracing::info!(
+        event = "order.paid",
+        order_id,
+        payment_id = %paid_by,
+        repeated = inserted == 0,
+        "order marked paid"
+    );
+    let mut headers = HeaderMap::new();
+    server_timing::append(
+        &mut headers,
+        &TimingEntry::new(
+            steps::ORDER_SERVICE,
+            started.elapsed(),
+            format!("{} marked order {order_id} paid", state.instance),
+        ),
+    );
+    let answer = OrderPaid {
+        order_id,
+        payment_id: paid_by,
+        paid_at_ms,
+        already_paid: inserted == 0,
+        instance: state.instance.clone(),
+    };
+    Ok((StatusCode::OK, headers, Json(answer)).into_response())
 }

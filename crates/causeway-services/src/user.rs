@@ -160,7 +160,12 @@ async fn get_user_orders(
     caller.principal.to_headers(request.headers_mut());
     let (result, report) = state.client.send(ORDER_SERVICE, request, &trace).await;
     let mut headers = HeaderMap::new();
-    report_call(&mut headers, &report, &format!("/orders?userId={id}"));
+    report_call(
+        &mut headers,
+        &report,
+        "GET",
+        &format!("/orders?userId={id}"),
+    );
     let unavailable = |message: String| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -235,7 +240,7 @@ async fn get_user_orders(
 }
 
 /// Turns the client library's report into `Server-Timing` entries: discovery, balancing, call.
-pub fn report_call(headers: &mut HeaderMap, report: &CallReport, path: &str) {
+pub fn report_call(headers: &mut HeaderMap, report: &CallReport, method: &str, path: &str) {
     if let Some(resolution) = &report.resolution {
         let addresses: Vec<String> = resolution
             .endpoints
@@ -299,7 +304,7 @@ pub fn report_call(headers: &mut HeaderMap, report: &CallReport, path: &str) {
             steps::UPSTREAM,
             last.elapsed,
             format!(
-                "GET https://{}.internal{path} to {} ({}); TLS verified against the Causeway CA",
+                "{method} https://{}.internal{path} to {} ({}); TLS verified against the Causeway CA",
                 report.service, last.endpoint.addr, connection
             ),
         ),

@@ -240,6 +240,26 @@ impl System {
         self.request(Method::GET, path, headers, Bytes::new()).await
     }
 
+    /// `POST path` through the edge with `body` as JSON, as `token`, plus `headers`.
+    pub async fn post_json(
+        &self,
+        path: &str,
+        token: &str,
+        mut headers: HeaderMap,
+        body: &serde_json::Value,
+    ) -> EdgeResponse {
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {token}")).expect("header value"),
+        );
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        self.request(Method::POST, path, headers, Bytes::from(body.to_string()))
+            .await
+    }
+
     pub async fn request(
         &self,
         method: Method,
