@@ -27,6 +27,10 @@ use hyper_util::service::TowerToHyperService;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
+mod mesh;
+
+pub use mesh::control_plane_server_name;
+
 /// How often the reverse proxy looks at its Ingress and certificate files for changes.
 const CONFIG_POLL: Duration = Duration::from_millis(500);
 /// How long open connections may finish after SIGTERM.
@@ -87,7 +91,11 @@ async fn run() -> anyhow::Result<()> {
             start_http_service(&launch, metrics, app, shutdown).await?
         }
         Role::PaymentService => {
-            let client = Arc::new(service_client(&launch, &mut metrics)?);
+            let mut client = service_client(&launch, &mut metrics)?;
+            if let Some(mesh) = &launch.mesh {
+                client = client.through_sidecar(mesh.outbound.addr, mesh::meshed_peers(&launch));
+            }
+            let client = Arc::new(client);
             let deps = service_deps(&launch, metrics.http_server());
             let app = causeway_services::payment::app(&deps, client).await?;
             start_http_service(&launch, metrics, app, shutdown).await?
@@ -100,6 +108,11 @@ async fn run() -> anyhow::Result<()> {
             start_pricing(&launch, metrics, app, shutdown).await?
         }
         Role::Broker => start_broker(&launch, metrics, shutdown).await?,
+        Role::MeshControlPlane => mesh::start_control_plane(&launch, metrics, shutdown).await?,
+        Role::Sidecar => {
+            let client = Arc::new(service_client(&launch, &mut metrics)?);
+            mesh::start_sidecar(&launch, metrics, client, shutdown).await?
+        }
         Role::EmailService => {
             let broker = broker_link(&launch)?;
             let deps = service_deps(&launch, metrics.http_server());
@@ -230,11 +243,35 @@ async fn announce(
     metrics: Metrics,
     shutdown: &Shutdown,
 ) -> anyhow::Result<Vec<JoinHandle<()>>> {
+    let service = launch.role.name().to_string();
+    announce_as(
+        launch,
+        service,
+        launch.instance(),
+        listen,
+        admin,
+        metrics,
+        shutdown,
+    )
+    .await
+}
+
+/// [`announce`], registered in discovery as `service`'s `registered_instance` (a sidecar lists
+/// itself under its app's mesh service).
+async fn announce_as(
+    launch: &Launch,
+    service: String,
+    registered_instance: String,
+    listen: SocketAddr,
+    admin: tokio::net::TcpListener,
+    metrics: Metrics,
+    shutdown: &Shutdown,
+) -> anyhow::Result<Vec<JoinHandle<()>>> {
     let instance = launch.instance();
     let admin_addr = admin.local_addr()?;
     let record = InstanceRecord {
-        service: launch.role.name().to_string(),
-        instance: instance.clone(),
+        service,
+        instance: registered_instance,
         addr: listen,
         admin_addr: Some(admin_addr),
         pid: Some(std::process::id()),
@@ -585,8 +622,22 @@ async fn start_http_service(
     let (listener, admin) = bind_service_listeners(launch).await?;
     let listen = listener.local_addr()?;
     let tls = tls_acceptor(launch)?;
+    // A meshed app also serves its sidecar's inbound half, in the clear on loopback.
+    let from_sidecar = match &launch.mesh {
+        Some(mesh) => Some(mesh::inherited(&mesh.app)?),
+        None => None,
+    };
     let mut tasks = announce(launch, listen, admin, metrics, &shutdown).await?;
     let make_service = move |_peer| TowerToHyperService::new(app.clone());
+    if let Some(listener) = from_sidecar {
+        tasks.push(tokio::spawn(serve::serve(
+            listener,
+            None,
+            make_service.clone(),
+            shutdown.clone(),
+            DRAIN,
+        )));
+    }
     tasks.push(tokio::spawn(serve::serve(
         listener,
         Some(tls),

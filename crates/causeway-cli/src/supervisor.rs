@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use causeway_core::launch::LAUNCH_ENV;
 use causeway_core::tls::{CertPaths, LocalCa, SniCertificates};
-use causeway_core::{ChildReport, DataDir, Launch, Role, Topology};
+use causeway_core::{ChildReport, DataDir, InheritedListener, Launch, MeshLaunch, Role, Topology};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use std::os::fd::AsRawFd;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
@@ -48,6 +49,40 @@ struct Supervisor {
     state: RunState,
     events: mpsc::UnboundedSender<Event>,
     backoff: HashMap<String, Duration>,
+    /// Where the mesh control plane listens, once it is ready.
+    control_plane: Option<SocketAddr>,
+    /// Signs each sidecar's single-use bootstrap token.
+    bootstrap_key: Option<causeway_mesh::BootstrapKey>,
+    /// Per meshed app instance: the listeners it and its sidecar share, held here for the
+    /// whole run so that either can restart on the same addresses.
+    mesh_sockets: HashMap<(Role, usize), MeshSockets>,
+}
+
+struct MeshSockets {
+    /// The sidecar's outbound half, where the app sends.
+    outbound: TcpListener,
+    /// The app's plain-HTTP listener, where the sidecar's inbound half delivers.
+    app: TcpListener,
+}
+
+impl MeshSockets {
+    fn bind() -> anyhow::Result<Self> {
+        let bind = || TcpListener::bind(("127.0.0.1", 0)).context("binding a mesh listener");
+        Ok(Self {
+            outbound: bind()?,
+            app: bind()?,
+        })
+    }
+
+    fn inherited(&self) -> anyhow::Result<(InheritedListener, InheritedListener)> {
+        let describe = |listener: &TcpListener| -> anyhow::Result<InheritedListener> {
+            Ok(InheritedListener {
+                addr: listener.local_addr()?,
+                fd: listener.as_raw_fd(),
+            })
+        };
+        Ok((describe(&self.outbound)?, describe(&self.app)?))
+    }
 }
 
 /// Runs the whole topology until Ctrl-C or SIGTERM.
@@ -83,6 +118,11 @@ pub async fn up(mut topology: Topology) -> anyhow::Result<()> {
     }
     check_fixed_ports(&topology)?;
     prepare_credentials(&topology, &data)?;
+    let bootstrap_key = prepare_mesh(&mut topology, &data)?;
+    let mut mesh_sockets = HashMap::new();
+    for app in topology.meshed_instances() {
+        mesh_sockets.insert(app, MeshSockets::bind()?);
+    }
 
     let (events, mut inbox) = mpsc::unbounded_channel();
     let mut supervisor = Supervisor {
@@ -103,6 +143,9 @@ pub async fn up(mut topology: Topology) -> anyhow::Result<()> {
         running: HashMap::new(),
         events,
         backoff: HashMap::new(),
+        control_plane: None,
+        bootstrap_key,
+        mesh_sockets,
     };
 
     println!("causeway: starting (data dir {})", data_root.display());
@@ -113,6 +156,10 @@ pub async fn up(mut topology: Topology) -> anyhow::Result<()> {
     let outcome = tokio::select! {
         outcome = start_all => outcome,
         _ = &mut shutdown => Err(anyhow::anyhow!("interrupted while starting")),
+    };
+    let outcome = match outcome {
+        Ok(()) => supervisor.await_mesh().await,
+        failed => failed,
     };
     if let Err(err) = outcome {
         supervisor.stop_all().await;
@@ -149,6 +196,40 @@ pub async fn up(mut topology: Topology) -> anyhow::Result<()> {
     RunState::remove(&data_root);
     println!("causeway: stopped");
     Ok(())
+}
+
+/// The mesh's issuer (under the local root) and bootstrap key, and its policy file: the
+/// topology's, checked now, or the default one in the data dir. None when the mesh is off.
+fn prepare_mesh(
+    topology: &mut Topology,
+    data: &DataDir,
+) -> anyhow::Result<Option<causeway_mesh::BootstrapKey>> {
+    if !topology.mesh.enabled {
+        return Ok(None);
+    }
+    causeway_mesh::MeshAuthority::load_or_create(&data.tls_dir())?;
+    let key = causeway_mesh::BootstrapKey::load_or_create(&data.mesh_bootstrap_key())?;
+    let file = match &topology.mesh.policy_file {
+        Some(file) => std::path::absolute(file)
+            .with_context(|| format!("mesh policy file {}", file.display()))?,
+        None => {
+            let file = data.mesh_policy();
+            if !file.exists() {
+                std::fs::write(&file, causeway_mesh::policy::DEFAULT_POLICY)
+                    .with_context(|| format!("writing the mesh policy {}", file.display()))?;
+            }
+            file
+        }
+    };
+    let text = std::fs::read_to_string(&file)
+        .with_context(|| format!("reading the mesh policy {}", file.display()))?;
+    causeway_mesh::MeshPolicy::parse(
+        &file.display().to_string(),
+        &text,
+        &topology.mesh.trust_domain,
+    )?;
+    topology.mesh.policy_file = Some(file);
+    Ok(Some(key))
 }
 
 /// Creates the data dir and proves it writable; returns its absolute path.
@@ -218,7 +299,10 @@ fn prepare_credentials(topology: &Topology, data: &DataDir) -> anyhow::Result<()
     let ca = LocalCa::load_or_create(&data.tls_dir())?;
     let zone = &topology.discovery.zone;
     let certified = Role::ALL.into_iter().filter(|role| {
-        matches!(role, Role::ReverseProxy | Role::Broker) || topology.service(*role).is_some()
+        matches!(
+            role,
+            Role::ReverseProxy | Role::Broker | Role::MeshControlPlane
+        ) || topology.service(*role).is_some()
     });
     for role in certified {
         let service = role.name();
@@ -328,13 +412,19 @@ impl Supervisor {
 
     /// Starts one instance and waits for its ready report.
     async fn spawn(&self, role: Role, index: usize) -> anyhow::Result<(Child, ChildReport)> {
-        let instance = role.instance_name(index);
+        let instance = self.topology.instance_name(role, index);
+        let mesh = self.mesh_launch(role, index, &instance)?;
+        let inherited: Vec<i32> = mesh
+            .iter()
+            .flat_map(|mesh| [mesh.outbound.fd, mesh.app.fd])
+            .collect();
         let launch = Launch {
             role,
             index,
             topology: self.topology.clone(),
             dns_addr: self.dns.unwrap_or(self.topology.discovery.dns_listen),
             registry_addr: self.registry.unwrap_or(self.topology.discovery.api_listen),
+            mesh,
         };
         let log_path = self.data.log(&instance);
         let log = std::fs::OpenOptions::new()
@@ -359,9 +449,19 @@ impl Supervisor {
         #[cfg(target_os = "linux")]
         // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
         unsafe {
-            command.pre_exec(|| {
+            command.pre_exec(move || {
                 // If the supervisor dies without stopping us (kill -9), we stop too.
-                nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from)
+                nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from)?;
+                // The mesh listeners this child is handed survive the exec.
+                for fd in &inherited {
+                    let fd = std::os::fd::BorrowedFd::borrow_raw(*fd);
+                    nix::fcntl::fcntl(
+                        fd,
+                        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+                    )
+                    .map_err(std::io::Error::from)?;
+                }
+                Ok(())
             });
         }
         let mut child = command
@@ -398,6 +498,102 @@ impl Supervisor {
         Ok((child, report))
     }
 
+    /// Waits until the mesh has converged: the control plane lists every meshed instance's
+    /// sidecar among its service's endpoints, and every sidecar has applied that version. Until
+    /// then a call through the mesh could find no endpoint.
+    async fn await_mesh(&self) -> anyhow::Result<()> {
+        let Some(addr) = self.control_plane else {
+            return Ok(());
+        };
+        let topology = &self.topology;
+        let target = causeway_mesh::client::ControlPlaneTarget {
+            addr,
+            server_name: crate::component::control_plane_server_name(&topology.discovery.zone),
+            ca_pem: std::fs::read_to_string(self.data.ca_cert())?,
+            timeout: Duration::from_secs(2),
+        };
+        let sidecars: Vec<String> = (0..topology.instances(Role::Sidecar))
+            .map(|index| topology.instance_name(Role::Sidecar, index))
+            .collect();
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut last = String::from("no answer yet");
+        while Instant::now() < deadline {
+            match causeway_mesh::client::sidecars(&target).await {
+                Ok(status) => {
+                    let endpoints_listed = topology.mesh.services.iter().all(|service| {
+                        let expected =
+                            Role::from_name(service).map_or(0, |role| topology.instances(role));
+                        status.destinations.iter().any(|destination| {
+                            destination.service == *service
+                                && destination.endpoints.len() == expected
+                        })
+                    });
+                    let applied = sidecars.iter().all(|instance| {
+                        status.sidecars.iter().any(|sidecar| {
+                            sidecar.instance == *instance
+                                && sidecar.applied_version == status.current_version
+                        })
+                    });
+                    if endpoints_listed && applied {
+                        return Ok(());
+                    }
+                    last = format!(
+                        "version {}: endpoints listed {endpoints_listed}, applied by every sidecar {applied}",
+                        status.current_version
+                    );
+                }
+                Err(err) => last = err.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("the mesh did not converge within {START_TIMEOUT:?} ({last})")
+    }
+
+    /// What a sidecar or its meshed app is handed: their shared listeners, and for the sidecar
+    /// the control plane's address and a fresh single-use token naming its workload.
+    fn mesh_launch(
+        &self,
+        role: Role,
+        index: usize,
+        instance: &str,
+    ) -> anyhow::Result<Option<MeshLaunch>> {
+        let app = match role {
+            Role::Sidecar => self
+                .topology
+                .sidecar_app(index)
+                .context("a sidecar without an app")?,
+            _ if self.topology.is_meshed(role) => (role, index),
+            _ => return Ok(None),
+        };
+        let sockets = self
+            .mesh_sockets
+            .get(&app)
+            .with_context(|| format!("no mesh listeners for {}", app.0.instance_name(app.1)))?;
+        let (outbound, app_listener) = sockets.inherited()?;
+        let (control_plane, bootstrap_token) = if role == Role::Sidecar {
+            let key = self
+                .bootstrap_key
+                .as_ref()
+                .context("the mesh has no bootstrap key")?;
+            let mesh = &self.topology.mesh;
+            let identity =
+                causeway_mesh::SpiffeId::new(&mesh.trust_domain, &mesh.namespace, app.0.name())?;
+            let token = key.mint(&identity, instance, Duration::from_secs(600));
+            let control_plane = self
+                .control_plane
+                .context("the mesh control plane is not running")?;
+            (Some(control_plane), Some(token))
+        } else {
+            (None, None)
+        };
+        Ok(Some(MeshLaunch {
+            outbound,
+            app: app_listener,
+            control_plane,
+            bootstrap_token,
+        }))
+    }
+
     /// Takes a ready child into the running set and watches for its exit.
     fn adopt(&mut self, role: Role, mut child: Child, ready: ChildReport) {
         let ChildReport::Ready {
@@ -418,6 +614,7 @@ impl Supervisor {
             }
             Role::LoadBalancer => self.state.edge = Some(listen),
             Role::Broker => self.state.broker = Some(format!("causeway://{listen}")),
+            Role::MeshControlPlane => self.control_plane = Some(listen),
             _ => {}
         }
         let log = self.data.log(&instance);
@@ -486,7 +683,7 @@ impl Supervisor {
                     return;
                 };
                 let role = component.role;
-                let index = role_index(&instance);
+                let index = role_index(&self.topology, role, &instance);
                 component.restarts += 1;
                 match self.spawn(role, index).await {
                     Ok((child, ready)) => {
@@ -568,11 +765,9 @@ fn signal(pid: u32, signal: Signal) {
     }
 }
 
-fn role_index(instance: &str) -> usize {
-    instance
-        .rsplit_once('-')
-        .and_then(|(_, n)| n.parse::<usize>().ok())
-        .map(|n| n.saturating_sub(1))
+fn role_index(topology: &Topology, role: Role, instance: &str) -> usize {
+    (0..topology.instances(role))
+        .find(|&index| topology.instance_name(role, index) == instance)
         .unwrap_or(0)
 }
 

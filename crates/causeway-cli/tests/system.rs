@@ -136,9 +136,9 @@ async fn rest_request_travels_every_hop_and_comes_back() {
     let status = system.status_json();
     assert_eq!(status["running"], true, "{status}");
     let components = status["components"].as_array().expect("components");
-    // discovery, broker, 3 order, payment, 2 pricing, user, inventory, notification, email,
-    // 2 reverse proxies, load balancer.
-    assert_eq!(components.len(), 15, "{status}");
+    // discovery, broker, the mesh control plane, 4 sidecars, 3 order, payment, 2 pricing,
+    // user, inventory, notification, email, 2 reverse proxies, load balancer.
+    assert_eq!(components.len(), 20, "{status}");
     for component in components {
         assert_eq!(component["health"], "up", "{component}");
         assert!(component["pid"].as_u64().is_some(), "{component}");
@@ -537,7 +537,7 @@ async fn stopping_is_quick_and_leaves_nothing_behind() {
     let mut system = System::start(test_topology());
     let running = harness::processes_using(system.data_dir());
     // Every component of the topology (see rest_request_travels_every_hop_and_comes_back).
-    assert_eq!(running.len(), 15, "{running:?}");
+    assert_eq!(running.len(), 20, "{running:?}");
     let took = system.stop();
     assert!(took < Duration::from_secs(5), "stopped in {took:?}");
     assert!(harness::processes_using(system.data_dir()).is_empty());
@@ -959,7 +959,14 @@ async fn a_payment_marks_its_order_paid_once_whatever_is_repeated() {
         .iter()
         .filter_map(|value| value.to_str().ok())
         .collect();
-    for step in ["payment-service", "order-service", "upstream"] {
+    // The call crossed both sidecars: each reports its hop.
+    for step in [
+        "payment-service",
+        "order-service",
+        "upstream",
+        "sidecar-out",
+        "sidecar-in",
+    ] {
         assert!(
             timing.iter().any(|entry| entry.starts_with(step)),
             "{step}: {timing:?}"

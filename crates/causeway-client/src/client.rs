@@ -166,7 +166,20 @@ pub struct ServiceClient {
     /// Instances that refused a connection, skipped until the instant given.
     resting: Mutex<HashMap<SocketAddr, Instant>>,
     metrics: ClientMetrics,
+    /// Set for a meshed app: its calls to meshed services go to its sidecar.
+    sidecar: Option<SidecarRoute>,
 }
+
+/// A meshed app's own sidecar: it resolves, balances, retries and encrypts the calls to the
+/// services in `services`, so the client sends them there once, in the clear on loopback.
+struct SidecarRoute {
+    outbound: SocketAddr,
+    services: Vec<String>,
+    connections: Connections,
+}
+
+/// The instance name a call through the sidecar reports as its endpoint.
+pub const SIDECAR_ENDPOINT: &str = "sidecar";
 
 enum AttemptError {
     /// Nothing was sent: always safe to try elsewhere.
@@ -204,7 +217,27 @@ impl ServiceClient {
             next: AtomicUsize::new(0),
             resting: Mutex::new(HashMap::new()),
             metrics: ClientMetrics::register(metrics),
+            sidecar: None,
         })
+    }
+
+    /// Sends calls to `services` through the app's sidecar at `outbound` (plain HTTP/2 on
+    /// loopback, one attempt: the sidecar does the discovery, balancing and retries); others
+    /// go directly as before.
+    pub fn through_sidecar(mut self, outbound: SocketAddr, services: Vec<String>) -> Self {
+        let connect_timeout = Duration::from_millis(self.config.connect_timeout_ms);
+        self.sidecar = Some(SidecarRoute {
+            outbound,
+            services,
+            connections: Connections::plain(connect_timeout),
+        });
+        self
+    }
+
+    fn sidecar_for(&self, service: &str) -> Option<&SidecarRoute> {
+        self.sidecar
+            .as_ref()
+            .filter(|sidecar| sidecar.services.iter().any(|name| name == service))
     }
 
     pub fn discovery(&self) -> &Discovery {
@@ -460,6 +493,44 @@ impl ServiceClient {
         // A key makes a repeat safe for any method: the receiver answers it as the first.
         let idempotent =
             is_idempotent(&parts.method) || parts.headers.contains_key(IDEMPOTENCY_KEY);
+        if let Some(sidecar) = self.sidecar_for(service) {
+            let endpoint = Endpoint {
+                instance: SIDECAR_ENDPOINT.to_string(),
+                addr: sidecar.outbound,
+            };
+            let outgoing = build_request(&parts.method, &uri, &headers, &body);
+            let started = Instant::now();
+            let attempt = self.attempt(&sidecar.connections, &host, &endpoint, outgoing);
+            let result = tokio::time::timeout(attempt_timeout, attempt).await;
+            let mut record = Attempt {
+                endpoint,
+                connect: None,
+                elapsed: started.elapsed(),
+                outcome: String::new(),
+            };
+            let outcome = match result {
+                Ok(Ok((response, connect))) => {
+                    record.connect = connect;
+                    record.outcome = response.status().as_u16().to_string();
+                    Ok(response)
+                }
+                Ok(Err(AttemptError::Connect(err))) => Err(err.to_string()),
+                Ok(Err(AttemptError::Request(message))) => {
+                    sidecar.connections.discard(&host, sidecar.outbound);
+                    Err(message)
+                }
+                Err(_) => Err(format!("no response within {attempt_timeout:?}")),
+            };
+            if let Err(message) = &outcome {
+                record.outcome = format!("the sidecar: {message}");
+            }
+            report.attempts.push(record);
+            return outcome.map_err(|message| CallError::NotRetryable {
+                service: service.to_string(),
+                method: parts.method.clone(),
+                message: format!("through the sidecar at {}: {message}", sidecar.outbound),
+            });
+        }
 
         let resolution = self.discovery.resolve(service).await?;
         let endpoints = resolution.endpoints.clone();
@@ -481,9 +552,11 @@ impl ServiceClient {
             tried.push(endpoint.addr);
             let attempt_started = Instant::now();
             let outgoing = build_request(&parts.method, &uri, &headers, &body);
-            let result =
-                tokio::time::timeout(attempt_timeout, self.attempt(&host, &endpoint, outgoing))
-                    .await;
+            let result = tokio::time::timeout(
+                attempt_timeout,
+                self.attempt(&self.connections, &host, &endpoint, outgoing),
+            )
+            .await;
             let mut attempt = Attempt {
                 endpoint: endpoint.clone(),
                 connect: None,
@@ -547,12 +620,12 @@ impl ServiceClient {
 
     async fn attempt(
         &self,
+        connections: &Connections,
         host: &str,
         endpoint: &Endpoint,
         request: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Option<Duration>), AttemptError> {
-        let (mut sender, connect) = self
-            .connections
+        let (mut sender, connect) = connections
             .get(host, endpoint.addr)
             .await
             .map_err(AttemptError::Connect)?;

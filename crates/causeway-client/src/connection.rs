@@ -1,5 +1,6 @@
 //! One multiplexed HTTP/2-over-TLS connection per endpoint, opened on first use and replaced
-//! when it closes. HTTP/2 lets every request pick its own endpoint without a pool of idle
+//! when it closes (or HTTP/2 in the clear, for an app's calls to its own mesh sidecar on
+//! loopback, which then carries them over mutual TLS). HTTP/2 lets every request pick its own endpoint without a pool of idle
 //! HTTP/1.1 connections per endpoint.
 
 use std::collections::HashMap;
@@ -43,7 +44,8 @@ pub enum ConnectError {
 type Slot = Arc<tokio::sync::Mutex<Option<Sender>>>;
 
 pub struct Connections {
-    tls: TlsConnector,
+    /// None: HTTP/2 with prior knowledge over plain TCP.
+    tls: Option<TlsConnector>,
     connect_timeout: Duration,
     slots: Mutex<HashMap<(String, SocketAddr), Slot>>,
 }
@@ -51,7 +53,16 @@ pub struct Connections {
 impl Connections {
     pub fn new(tls: Arc<rustls::ClientConfig>, connect_timeout: Duration) -> Self {
         Self {
-            tls: TlsConnector::from(tls),
+            tls: Some(TlsConnector::from(tls)),
+            connect_timeout,
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Connections without TLS, for a peer on loopback that adds it (a mesh sidecar).
+    pub fn plain(connect_timeout: Duration) -> Self {
+        Self {
+            tls: None,
             connect_timeout,
             slots: Mutex::new(HashMap::new()),
         }
@@ -112,6 +123,9 @@ impl Connections {
                 message: err.to_string(),
             })?;
         let _ = tcp.set_nodelay(true);
+        let Some(connector) = &self.tls else {
+            return Self::handshake(addr, tcp).await;
+        };
         let tls_error = |message: String| ConnectError::Tls {
             addr,
             server_name: server_name.to_string(),
@@ -119,18 +133,25 @@ impl Connections {
         };
         let name = ServerName::try_from(server_name.to_string())
             .map_err(|err| tls_error(err.to_string()))?;
-        let tls = tokio::time::timeout_at(deadline, self.tls.connect(name, tcp))
+        let tls = tokio::time::timeout_at(deadline, connector.connect(name, tcp))
             .await
             .map_err(timed_out)?
             .map_err(|err| tls_error(err.to_string()))?;
         if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
             return Err(ConnectError::NoHttp2 { addr });
         }
+        Self::handshake(addr, tls).await
+    }
+
+    async fn handshake<Io>(addr: SocketAddr, io: Io) -> Result<Sender, ConnectError>
+    where
+        Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
-            .handshake(TokioIo::new(CoalescedWrites::new(tls)))
+            .handshake(TokioIo::new(CoalescedWrites::new(io)))
             .await
             .map_err(|err| ConnectError::Handshake {
                 addr,

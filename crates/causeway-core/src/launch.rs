@@ -34,6 +34,34 @@ pub struct Launch {
     /// Where discovery actually listens (its ports may have been chosen at run time).
     pub dns_addr: SocketAddr,
     pub registry_addr: SocketAddr,
+    /// For a sidecar and its app: what the mesh gave them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<MeshLaunch>,
+}
+
+/// A meshed app and its sidecar talk over two loopback listeners that the supervisor binds
+/// once and hands down (inherited file descriptors, as systemd's socket activation does), so
+/// that either can restart without the other losing track of it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MeshLaunch {
+    /// The sidecar's outbound listener, where the app sends its calls to other services.
+    pub outbound: InheritedListener,
+    /// The app's plain-HTTP listener, where the sidecar's inbound half delivers calls.
+    pub app: InheritedListener,
+    /// For the sidecar only: where the control plane listens, and the single-use token that
+    /// proves which workload it serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_plane: Option<SocketAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap_token: Option<String>,
+}
+
+/// A listening socket bound by the supervisor: its address, and the descriptor the child
+/// inherited it as.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct InheritedListener {
+    pub addr: SocketAddr,
+    pub fd: i32,
 }
 
 impl Launch {
@@ -43,7 +71,7 @@ impl Launch {
     }
 
     pub fn instance(&self) -> String {
-        self.role.instance_name(self.index)
+        self.topology.instance_name(self.role, self.index)
     }
 
     pub fn data(&self) -> DataDir {
@@ -99,6 +127,20 @@ impl DataDir {
 
     pub fn log(&self, instance: &str) -> PathBuf {
         self.logs_dir().join(format!("{instance}.log"))
+    }
+
+    /// The mesh policy file when the topology names none.
+    pub fn mesh_policy(&self) -> PathBuf {
+        self.root.join("mesh-policy.yaml")
+    }
+
+    /// The key that signs sidecars' bootstrap tokens, and the journal of tokens used.
+    pub fn mesh_bootstrap_key(&self) -> PathBuf {
+        self.tls_dir().join("mesh-bootstrap.key")
+    }
+
+    pub fn mesh_token_journal(&self) -> PathBuf {
+        self.root.join("run").join("mesh-tokens-used")
     }
 
     /// What `causeway up` is running, for `causeway status` and `causeway demo`.

@@ -18,5 +18,5 @@ pub mod tls;
 pub mod topology;
 pub mod trace_context;
 
-pub use launch::{ChildReport, DataDir, Launch};
+pub use launch::{ChildReport, DataDir, InheritedListener, Launch, MeshLaunch};
 pub use topology::{Role, Topology};

@@ -239,6 +239,10 @@ mod tests {
 pub mod steps {
     /// The reverse proxy at the edge: TLS, gateway checks, routing.
     pub const EDGE_PROXY: &str = "edge-proxy";
+    /// A mesh sidecar's outbound half: the app's call routed, balanced, sent over mutual TLS.
+    pub const SIDECAR_OUTBOUND: &str = "sidecar-out";
+    /// A mesh sidecar's inbound half: mutual TLS ended, the caller authorized, the app called.
+    pub const SIDECAR_INBOUND: &str = "sidecar-in";
     /// Discovery of the next service through DNS.
     pub const DNS: &str = "dns";
     /// The client library's choice of instance.

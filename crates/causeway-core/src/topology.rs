@@ -45,13 +45,21 @@ pub enum Role {
     Broker,
     EmailService,
     NotificationService,
+    /// The service mesh's control plane: identities, policy, destinations.
+    MeshControlPlane,
+    /// A meshed service instance's sidecar (see [`Topology::sidecar_app`]).
+    Sidecar,
 }
 
 impl Role {
     /// In start order: discovery first (everyone registers with it), the edge last.
-    pub const ALL: [Role; 11] = [
+    pub const ALL: [Role; 13] = [
         Role::Discovery,
         Role::Broker,
+        Role::MeshControlPlane,
+        // Before the apps: a meshed app starts only once its sidecar has an identity and
+        // its first configuration.
+        Role::Sidecar,
         Role::OrderService,
         Role::PaymentService,
         Role::PricingService,
@@ -77,6 +85,8 @@ impl Role {
             Role::Broker => "broker",
             Role::EmailService => "email-service",
             Role::NotificationService => "notification-service",
+            Role::MeshControlPlane => "mesh-control-plane",
+            Role::Sidecar => "sidecar",
         }
     }
 
@@ -120,6 +130,8 @@ pub struct Topology {
     pub broker: BrokerConfig,
     pub messaging: MessagingConfig,
     pub client: ClientConfig,
+    /// The service mesh (technique 4): which services get sidecars, and its control plane.
+    pub mesh: MeshConfig,
 }
 
 impl Default for Topology {
@@ -139,6 +151,49 @@ impl Default for Topology {
             broker: BrokerConfig::default(),
             messaging: MessagingConfig::default(),
             client: ClientConfig::default(),
+            mesh: MeshConfig::default(),
+        }
+    }
+}
+
+/// The service mesh: every instance of a meshed service gets a sidecar, started before it; the
+/// services' calls to each other go through the sidecars, over mutual TLS with identities the
+/// control plane issues.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MeshConfig {
+    pub enabled: bool,
+    /// The services that get sidecars; a meshed service calls another one through its sidecar.
+    pub services: Vec<String>,
+    /// `spiffe://<trust_domain>/ns/<namespace>/sa/<service>`.
+    pub trust_domain: String,
+    pub namespace: String,
+    /// The policy file (`HTTPRoute`s and `AuthorizationPolicy`s); unset: `mesh-policy.yaml` in
+    /// the data dir, written with the default policy when missing. Changes apply live.
+    pub policy_file: Option<PathBuf>,
+    pub control_plane_listen: SocketAddr,
+    pub control_plane_admin_listen: SocketAddr,
+    /// Asked for each workload certificate; sidecars renew at two thirds of it.
+    pub certificate_lifetime_ms: u64,
+    /// How often the control plane reads the registry and the policy file for changes.
+    pub refresh_interval_ms: u64,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            services: vec![
+                Role::PaymentService.name().into(),
+                Role::OrderService.name().into(),
+            ],
+            trust_domain: "causeway.local".into(),
+            namespace: "default".into(),
+            policy_file: None,
+            control_plane_listen: ([127, 0, 0, 1], 0).into(),
+            control_plane_admin_listen: ([127, 0, 0, 1], 0).into(),
+            certificate_lifetime_ms: 24 * 60 * 60 * 1000,
+            refresh_interval_ms: 500,
         }
     }
 }
@@ -752,6 +807,51 @@ impl Topology {
             Role::EmailService => self.email_service.instances,
             Role::NotificationService => self.notification_service.instances,
             Role::Broker => usize::from(self.messaging.broker_url.is_none()),
+            Role::MeshControlPlane => usize::from(self.mesh.enabled),
+            Role::Sidecar => self.meshed_instances().len(),
+        }
+    }
+
+    /// The app instances that get a sidecar, in sidecar index order: each meshed service's
+    /// instances in turn.
+    pub fn meshed_instances(&self) -> Vec<(Role, usize)> {
+        if !self.mesh.enabled {
+            return Vec::new();
+        }
+        Role::ALL
+            .into_iter()
+            .filter(|role| self.is_meshed(*role))
+            .flat_map(|role| (0..self.instances(role)).map(move |index| (role, index)))
+            .collect()
+    }
+
+    /// Whether `role` is a service with sidecars.
+    pub fn is_meshed(&self, role: Role) -> bool {
+        self.mesh.enabled
+            && self.service(role).is_some()
+            && self.mesh.services.iter().any(|name| name == role.name())
+    }
+
+    /// The app instance sidecar `index` serves.
+    pub fn sidecar_app(&self, index: usize) -> Option<(Role, usize)> {
+        self.meshed_instances().get(index).copied()
+    }
+
+    /// The sidecar index of app instance `(role, index)`, if it has one.
+    pub fn sidecar_of(&self, role: Role, index: usize) -> Option<usize> {
+        self.meshed_instances()
+            .iter()
+            .position(|&app| app == (role, index))
+    }
+
+    /// An instance's name: `<role>-<index + 1>`, and for a sidecar `<app instance>-sidecar`
+    /// (`order-service-2-sidecar`), so that logs and status say whose it is.
+    pub fn instance_name(&self, role: Role, index: usize) -> String {
+        match (role, self.sidecar_app(index)) {
+            (Role::Sidecar, Some((app, app_index))) => {
+                format!("{}-sidecar", app.instance_name(app_index))
+            }
+            _ => role.instance_name(index),
         }
     }
 
@@ -765,7 +865,12 @@ impl Topology {
             Role::InventoryService => Some(&self.inventory_service),
             Role::EmailService => Some(&self.email_service),
             Role::NotificationService => Some(&self.notification_service),
-            Role::Discovery | Role::LoadBalancer | Role::ReverseProxy | Role::Broker => None,
+            Role::Discovery
+            | Role::LoadBalancer
+            | Role::ReverseProxy
+            | Role::Broker
+            | Role::MeshControlPlane
+            | Role::Sidecar => None,
         }
     }
 

@@ -637,6 +637,43 @@ struct Selector {
     match_labels: BTreeMap<String, String>,
 }
 
+/// The policy `causeway up` writes when the topology names no file: Payment Service may mark
+/// orders paid, with a timeout and retries on that route; every other call between meshed
+/// services is denied (a meshed service denies by default).
+pub const DEFAULT_POLICY: &str = "\
+# Causeway's mesh policy: Gateway API HTTPRoutes (timeouts, retries) and Istio-style
+# AuthorizationPolicies (who may call what). A change applies to every sidecar without a
+# restart; a file that does not parse is refused with its line, and the old policy stays.
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: order-service
+spec:
+  parentRefs:
+    - kind: Service
+      name: order-service
+  rules:
+    - matches:
+        - path: { type: PathPrefix, value: /orders }
+      timeouts: { request: 3s, backendRequest: 1s }
+      retry: { attempts: 2, backoff: 25ms, codes: [502, 503] }
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: payments-mark-orders-paid
+  namespace: default
+spec:
+  selector:
+    matchLabels: { app: order-service }
+  action: ALLOW
+  rules:
+    - from:
+        - source: { principals: [causeway.local/ns/default/sa/payment-service] }
+      to:
+        - operation: { methods: [POST], paths: ['/orders/*'] }
+";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -756,6 +793,32 @@ spec:
             policy.authorize("pricing-service", Some(&payment), "GET", "/"),
             Decision::NotAllowed
         );
+    }
+
+    #[test]
+    fn the_default_policy_lets_payments_mark_orders_paid_and_nothing_else() {
+        let policy = MeshPolicy::parse("mesh-policy.yaml", DEFAULT_POLICY, "causeway.local")
+            .expect("the default policy parses");
+        let payment: SpiffeId = "spiffe://causeway.local/ns/default/sa/payment-service"
+            .parse()
+            .expect("id");
+        let user: SpiffeId = "spiffe://causeway.local/ns/default/sa/user-service"
+            .parse()
+            .expect("id");
+        let allowed = |caller: &SpiffeId, method: &str, service: &str, path: &str| {
+            policy
+                .authorize(service, Some(caller), method, path)
+                .allowed()
+        };
+        assert!(allowed(&payment, "POST", "order-service", "/orders/1/paid"));
+        assert!(!allowed(&payment, "GET", "order-service", "/orders"));
+        assert!(!allowed(&user, "POST", "order-service", "/orders/1/paid"));
+        assert!(!allowed(&payment, "POST", "payment-service", "/payments"));
+        let route = policy
+            .route("order-service", "/orders/1/paid")
+            .expect("route");
+        assert_eq!(route.retries, 2);
+        assert_eq!(route.request_timeout, Some(Duration::from_secs(3)));
     }
 
     #[test]

@@ -331,9 +331,14 @@ impl MeshControl for Service {
         &self,
         _request: Request<pb::SidecarsRequest>,
     ) -> Result<Response<pb::SidecarsResponse>, Status> {
+        let (current_version, destinations) = {
+            let config = self.shared.control_plane.config.borrow();
+            (config.version, config.destinations.clone())
+        };
         Ok(Response::new(pb::SidecarsResponse {
-            current_version: self.shared.control_plane.config.borrow().version,
+            current_version,
             sidecars: self.shared.book.listing(),
+            destinations,
         }))
     }
 

@@ -269,7 +269,9 @@ impl Gateway {
                 tunnels: TunnelMetrics::default(),
                 draining: Arc::new(tokio::sync::watch::Sender::new(None)),
                 plain_http: matches!(role, MeshRole::Outbound(_)),
-                server_timing: config.server_timing,
+                // A sidecar's callers are its app and other sidecars: each hop reports itself,
+                // and the edge decides what leaves the system.
+                server_timing: ServerTimingPolicy::Always,
                 mesh: Some(role),
             },
             &[],
@@ -683,7 +685,16 @@ impl Gateway {
         if let Some(value) = request_id {
             headers.insert(REQUEST_ID, value);
         }
-        let transport = if self.plain_http { "plain HTTP" } else { "TLS" };
+        let transport = match &self.mesh {
+            Some(MeshRole::Inbound(_)) => "mutual TLS",
+            _ if self.plain_http => "plain HTTP",
+            _ => "TLS",
+        };
+        let step = match &self.mesh {
+            None => steps::EDGE_PROXY,
+            Some(MeshRole::Outbound(_)) => steps::SIDECAR_OUTBOUND,
+            Some(MeshRole::Inbound(_)) => steps::SIDECAR_INBOUND,
+        };
         if !timing {
             // The internal hops' names and addresses stay inside.
             headers.remove(server_timing::SERVER_TIMING);
@@ -697,8 +708,7 @@ impl Gateway {
                 let mut value = String::with_capacity(escaped.len() + 64);
                 let _ = write!(
                     value,
-                    "{};dur={}.{:03};desc=\"{escaped}; client spoke {version:?} over {transport}\"",
-                    steps::EDGE_PROXY,
+                    "{step};dur={}.{:03};desc=\"{escaped}; client spoke {version:?} over {transport}\"",
                     micros / 1000,
                     micros % 1000,
                 );
@@ -709,7 +719,7 @@ impl Gateway {
             Cow::Owned(detail) => server_timing::append(
                 headers,
                 &TimingEntry::new(
-                    steps::EDGE_PROXY,
+                    step,
                     elapsed,
                     format!("{detail}; client spoke {version:?} over {transport}"),
                 ),

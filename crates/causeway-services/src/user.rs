@@ -269,6 +269,40 @@ pub fn report_call(headers: &mut HeaderMap, report: &CallReport, method: &str, p
     let Some(last) = report.attempts.last() else {
         return;
     };
+    let through_sidecar = last.endpoint.instance == causeway_client::client::SIDECAR_ENDPOINT;
+    if !through_sidecar {
+        report_balancing(headers, report, last);
+    }
+    let connection = match last.connect {
+        Some(connect) if through_sidecar => format!(
+            "new HTTP/2 connection, TCP connect {:.3} ms",
+            connect.as_secs_f64() * 1000.0
+        ),
+        Some(connect) => format!(
+            "new HTTP/2 connection, TCP+TLS handshake {:.3} ms",
+            connect.as_secs_f64() * 1000.0
+        ),
+        None => "reused HTTP/2 connection".to_string(),
+    };
+    let description = if through_sidecar {
+        format!(
+            "{method} http://{}.internal{path} to its sidecar at {} ({connection}, plain on loopback; the mesh carries it over mutual TLS)",
+            report.service, last.endpoint.addr
+        )
+    } else {
+        format!(
+            "{method} https://{}.internal{path} to {} ({connection}); TLS verified against the Causeway CA",
+            report.service, last.endpoint.addr
+        )
+    };
+    server_timing::append(
+        headers,
+        &TimingEntry::new(steps::UPSTREAM, last.elapsed, description),
+    );
+}
+
+/// The client library's choice of instance, as a `Server-Timing` entry.
+fn report_balancing(headers: &mut HeaderMap, report: &CallReport, last: &causeway_client::Attempt) {
     let instances = report
         .resolution
         .as_ref()
@@ -288,24 +322,6 @@ pub fn report_call(headers: &mut HeaderMap, report: &CallReport, method: &str, p
                 "round robin picked {} of {instances} instances; attempts: {}",
                 last.endpoint.instance,
                 history.join(", ")
-            ),
-        ),
-    );
-    let connection = match last.connect {
-        Some(connect) => format!(
-            "new HTTP/2 connection, TCP+TLS handshake {:.3} ms",
-            connect.as_secs_f64() * 1000.0
-        ),
-        None => "reused HTTP/2 connection".to_string(),
-    };
-    server_timing::append(
-        headers,
-        &TimingEntry::new(
-            steps::UPSTREAM,
-            last.elapsed,
-            format!(
-                "{method} https://{}.internal{path} to {} ({}); TLS verified against the Causeway CA",
-                report.service, last.endpoint.addr, connection
             ),
         ),
     );
